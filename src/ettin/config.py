@@ -1,0 +1,287 @@
+"""The run configuration: a typed schema, Hydra composition, and validation.
+
+This is the only module that reads raw YAML. A run file under `yamls/` is composed with Hydra
+(groups: size, objective, phase, data, system), merged onto the `RunConfig` schema so that any
+unknown or misspelt key is an error that names it and suggests the closest valid key, and
+returned as a typed object that the builders read.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot be used as written."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    size: str = "17m"
+    """Size preset (see `ettin sizes`): 17m, 32m, 68m, 150m, 400m, 1b, demo, test."""
+    num_layers: int | None = None
+    """Override the preset's depth (tests and scaled-down runs)."""
+    hidden_size: int | None = None
+    """Override the preset's width."""
+    intermediate_size: int | None = None
+    """Override the preset's GLU width (Wi has 2x this many outputs)."""
+    num_heads: int | None = None
+    """Override the preset's head count (hidden_size must be a multiple of it)."""
+    global_rope_theta: float = 10000.0
+    """RoPE base of the global-attention layers (every third layer from layer 0)."""
+    local_rope_theta: float = 10000.0
+    """RoPE base of the sliding-window layers."""
+    local_attention: int = 128
+    """Total sliding window of local layers (encoder: +-64; decoder: self + 63 previous)."""
+    attn_out_dropout: float = 0.1
+    """Dropout after the attention output projection (the reference's only dropout)."""
+
+
+@dataclass(kw_only=True)
+class ObjectiveConfig:
+    name: Literal["mlm", "clm"] = "mlm"
+    """mlm: bidirectional encoder, masked LM. clm: causal decoder, next-token LM."""
+    mlm_probability: float = 0.30
+    """Training masking rate (MLM only): 0.30 in phases 1-2, 0.15 in the decay phase."""
+    eval_mlm_probability: float = 0.15
+    """Masking rate on the held-out split (MLM only)."""
+
+    def __post_init__(self) -> None:
+        for name in ("mlm_probability", "eval_mlm_probability"):
+            p = getattr(self, name)
+            if not 0.0 < p < 1.0:
+                raise ConfigError(f"objective.{name}={p} must be in (0, 1)")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    path: str = MISSING
+    """Folder (or remote URI) of one phase's MDS shards, holding train/ and val/ splits."""
+    local_cache: str | None = None
+    """Local download folder when `path` is remote (s3://, gs://, ...)."""
+    train_split: str = "train"
+    """Sub-folder of `path` used for training."""
+    eval_split: str | None = "val"
+    """Sub-folder used for evaluation; null disables evaluation."""
+    max_seq_len: int = 1024
+    """Samples are truncated to this many tokens (BOS and, for encoders, EOS included)."""
+    packing: bool = False
+    """Pack several sequences per row instead of padding each to the longest."""
+    shuffle_seed: int = 21
+    """Seed of the global permutation (numpy PCG64DXSM(seed + epoch))."""
+    order_file: str | None = None
+    """Replay a recorded data order (Parquet from `ettin order export`) instead of the permutation."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank."""
+    batch_size_warmup_tokens: str = "0tok"
+    """Grow the global batch from `batch_size_warmup_min` to the full size over this many tokens."""
+    batch_size_warmup_min: int = 0
+    """Smallest global batch (sequences) during batch-size warm-up."""
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 3e-3
+    """Peak learning rate (StableAdamW)."""
+    weight_decay: float = 3e-4
+    """Decoupled weight decay, scaled by lr/peak lr; never applied to biases and norms."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    """Adam betas."""
+    eps: float = 1e-6
+    """Adam epsilon."""
+
+
+@dataclass(kw_only=True)
+class SchedulerConfig:
+    t_warmup: str = "0tok"
+    """Linear warm-up length (Composer time string, e.g. 3_000_000_000tok)."""
+    t_decay: str = "0tok"
+    """Decay length at the end of the run ('1dur' decays over the whole run)."""
+    alpha_f: float = 0.0
+    """Final LR as a fraction of the peak."""
+    decay_shape: Literal["linear", "1-sqrt"] = "linear"
+    """Shape of the decay: linear, or 1 - sqrt (the reference's one_minus_sqrt)."""
+
+
+@dataclass(kw_only=True)
+class CallbacksConfig:
+    speed_window: int = 100
+    """Batches averaged by the throughput/MFU monitor."""
+    grad_norm_interval: int = 100
+    """Log the gradient norm over all parameters every N batches (0 disables)."""
+    record_order: bool = True
+    """Record the sample ids consumed at each step (Parquet in the run folder)."""
+    export_hf: bool = True
+    """Export the final model in the Hugging Face format to <run_dir>/hf."""
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    console_interval: str = "100ba"
+    """How often the console logger prints."""
+    file: bool = True
+    """Write metrics as JSON lines to <run_dir>/metrics.jsonl."""
+    wandb_project: str | None = None
+    """Log to Weights & Biases under this project (requires `pip install wandb`)."""
+    wandb_entity: str | None = None
+    """W&B entity (team or user)."""
+    tensorboard: bool = False
+    """Log to TensorBoard in <run_dir>/tensorboard."""
+    mlflow_experiment: str | None = None
+    """Log to MLflow under this experiment name."""
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    run_name: str = MISSING
+    """Name of the run; also the default run folder runs/<run_name>."""
+    run_dir: str = "runs/${run_name}"
+    """Folder for checkpoints, metrics, the data order and the exported model."""
+    seed: int = 21
+    """Seed for the model init and the MLM masks."""
+    tokenizer: str | None = None
+    """Tokenizer directory or Hub name; null = the offline-built Ettin tokenizer."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    global_train_batch_size: int = 4608
+    """Sequences per optimiser step, over all ranks."""
+    device_train_microbatch_size: int = 16
+    """Sequences per forward/backward on one device (gradient accumulation fills the rest)."""
+    global_eval_batch_size: int = 1024
+    """Sequences per evaluation batch, over all ranks."""
+    max_duration: str = "1_700_000_000_000tok"
+    """Length of this phase (tokens are real, non-padding tokens)."""
+    eval_interval: str = "1dur"
+    """How often to evaluate (the end of the run is always evaluated)."""
+    eval_subset_num_batches: int = -1
+    """Evaluate on at most this many batches (-1 = the whole split)."""
+    save_interval: str = "8_500_000_000tok"
+    """Checkpoint every so often (and at the end)."""
+    save_num_checkpoints_to_keep: int = -1
+    """Keep only the newest N checkpoints (-1 keeps all)."""
+    autoresume: bool = True
+    """Resume from the newest checkpoint in <run_dir>/checkpoints, keeping time, optimiser, data position."""
+    init_from: str | None = None
+    """Start from these weights only (phase transition or cross-objective): fresh time and optimiser."""
+    precision: Literal["auto", "fp32", "amp_bf16"] = "auto"
+    """auto = amp_bf16 on GPU, fp32 on CPU."""
+    parallelism: Literal["ddp", "fsdp"] = "ddp"
+    """ddp (default) or fsdp (full sharding, for the large sizes)."""
+    compile: bool = False
+    """torch.compile the model (GPU)."""
+
+    def __post_init__(self) -> None:
+        if self.device_train_microbatch_size <= 0 or self.global_train_batch_size <= 0:
+            raise ConfigError("batch sizes must be positive")
+
+
+def yamls_root() -> Path:
+    """The bundled config tree (`yamls/` at the repository root)."""
+    env = os.environ.get("ETTIN_YAMLS")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "yamls"
+
+
+def _valid_keys(schema: Any) -> list[str]:
+    return [f.name for f in fields(schema)] if is_dataclass(schema) else []
+
+
+def _schema_at(full_key: str) -> Any:
+    """The dataclass that owns the parent of a dotted key, for suggestions."""
+    node: Any = RunConfig
+    for part in full_key.split(".")[:-1]:
+        sub = {f.name: f for f in fields(node)}.get(part) if is_dataclass(node) else None
+        if sub is None:
+            return None
+        node = sub.type if isinstance(sub.type, type) else globals().get(str(sub.type))
+    return node
+
+
+def unknown_key_message(full_key: str) -> str:
+    """'unknown config key X; did you mean Y? valid keys here: ...'."""
+    schema = _schema_at(full_key)
+    leaf = full_key.split(".")[-1]
+    valid = _valid_keys(schema)
+    msg = f"unknown config key '{full_key}'"
+    close = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.5)
+    if close:
+        prefix = full_key.rsplit(".", 1)[0] + "." if "." in full_key else ""
+        msg += f"; did you mean '{prefix}{close[0]}'?"
+    if valid:
+        msg += f" Valid keys here: {', '.join(valid)}"
+    return msg
+
+
+def _find_root(path: Path) -> Path:
+    """The config tree a run file belongs to: the nearest ancestor holding base.yaml."""
+    for parent in path.resolve().parents:
+        if (parent / "base.yaml").exists():
+            return parent
+    return path.resolve().parent
+
+
+def compose(path: str | os.PathLike, overrides: list[str] | None = None) -> DictConfig:
+    """Compose a run file and `key=value` / `group=option` overrides with Hydra (untyped)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+
+    file = Path(path)
+    if not file.exists():
+        raise ConfigError(f"config file not found: {file}")
+    root = _find_root(file)
+    name = str(file.resolve().relative_to(root).with_suffix(""))
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(root), version_base="1.3"):
+            return hydra_compose(config_name=name, overrides=list(overrides or []))
+    except ConfigCompositionException as err:
+        text = str(err)
+        key = None
+        if "Could not override '" in text:
+            key = text.split("Could not override '")[1].split("'")[0]
+        raise ConfigError(unknown_key_message(key) if key else text) from err
+    except MissingConfigException as err:
+        raise ConfigError(f"{err} (config tree: {root})") from err
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def to_run_config(raw: DictConfig | dict) -> RunConfig:
+    """Validate an untyped config against the schema and return the typed RunConfig."""
+    schema = OmegaConf.structured(RunConfig)
+    try:
+        merged = OmegaConf.merge(schema, raw)
+        OmegaConf.resolve(merged)
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise ConfigError(f"required config keys not set: {', '.join(missing)}")
+        cfg = OmegaConf.to_object(merged)
+    except ConfigKeyError as err:
+        raise ConfigError(unknown_key_message(str(err.full_key))) from err
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"invalid config value: {err}") from err
+    assert isinstance(cfg, RunConfig)
+    return cfg
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:
+    """Compose, validate and return a run config."""
+    return to_run_config(compose(path, overrides))
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML (saved beside every run)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
