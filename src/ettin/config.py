@@ -12,7 +12,7 @@ import difflib
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -20,6 +20,14 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 class ConfigError(ValueError):
     """A run configuration that cannot be used as written."""
+
+
+def _choice(where: str, value: str, choices: tuple[str, ...]) -> None:
+    """OmegaConf has no Literal type: check a string choice ourselves, naming the valid ones."""
+    if value not in choices:
+        close = difflib.get_close_matches(value, choices, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"{where}='{value}' is not one of {', '.join(choices)}{hint}")
 
 
 @dataclass(kw_only=True)
@@ -46,7 +54,7 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class ObjectiveConfig:
-    name: Literal["mlm", "clm"] = "mlm"
+    name: str = "mlm"
     """mlm: bidirectional encoder, masked LM. clm: causal decoder, next-token LM."""
     mlm_probability: float = 0.30
     """Training masking rate (MLM only): 0.30 in phases 1-2, 0.15 in the decay phase."""
@@ -54,6 +62,7 @@ class ObjectiveConfig:
     """Masking rate on the held-out split (MLM only)."""
 
     def __post_init__(self) -> None:
+        _choice("objective.name", self.name, ("mlm", "clm"))
         for name in ("mlm_probability", "eval_mlm_probability"):
             p = getattr(self, name)
             if not 0.0 < p < 1.0:
@@ -106,8 +115,13 @@ class SchedulerConfig:
     """Decay length at the end of the run ('1dur' decays over the whole run)."""
     alpha_f: float = 0.0
     """Final LR as a fraction of the peak."""
-    decay_shape: Literal["linear", "1-sqrt"] = "linear"
+    decay_shape: str = "linear"
     """Shape of the decay: linear, or 1 - sqrt (the reference's one_minus_sqrt)."""
+
+    def __post_init__(self) -> None:
+        _choice("scheduler.decay_shape", self.decay_shape, ("linear", "1-sqrt"))
+        if not 0.0 <= self.alpha_f <= 1.0:
+            raise ConfigError(f"scheduler.alpha_f={self.alpha_f} must be in [0, 1]")
 
 
 @dataclass(kw_only=True)
@@ -146,6 +160,8 @@ class RunConfig:
     """Folder for checkpoints, metrics, the data order and the exported model."""
     seed: int = 21
     """Seed for the model init and the MLM masks."""
+    data_root: str = "data/sotu"
+    """Folder with one prepared sub-folder per phase (pretrain, extension, decay); see `ettin prep`."""
     tokenizer: str | None = None
     """Tokenizer directory or Hub name; null = the offline-built Ettin tokenizer."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -175,14 +191,16 @@ class RunConfig:
     """Resume from the newest checkpoint in <run_dir>/checkpoints, keeping time, optimiser, data position."""
     init_from: str | None = None
     """Start from these weights only (phase transition or cross-objective): fresh time and optimiser."""
-    precision: Literal["auto", "fp32", "amp_bf16"] = "auto"
+    precision: str = "auto"
     """auto = amp_bf16 on GPU, fp32 on CPU."""
-    parallelism: Literal["ddp", "fsdp"] = "ddp"
+    parallelism: str = "ddp"
     """ddp (default) or fsdp (full sharding, for the large sizes)."""
     compile: bool = False
     """torch.compile the model (GPU)."""
 
     def __post_init__(self) -> None:
+        _choice("precision", self.precision, ("auto", "fp32", "amp_bf16"))
+        _choice("parallelism", self.parallelism, ("ddp", "fsdp"))
         if self.device_train_microbatch_size <= 0 or self.global_train_batch_size <= 0:
             raise ConfigError("batch sizes must be positive")
 
@@ -193,34 +211,25 @@ def yamls_root() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[2] / "yamls"
 
 
-def _valid_keys(schema: Any) -> list[str]:
-    return [f.name for f in fields(schema)] if is_dataclass(schema) else []
-
-
-def _schema_at(full_key: str) -> Any:
-    """The dataclass that owns the parent of a dotted key, for suggestions."""
-    node: Any = RunConfig
-    for part in full_key.split(".")[:-1]:
-        sub = {f.name: f for f in fields(node)}.get(part) if is_dataclass(node) else None
-        if sub is None:
-            return None
-        node = sub.type if isinstance(sub.type, type) else globals().get(str(sub.type))
-    return node
-
-
 def unknown_key_message(full_key: str) -> str:
-    """'unknown config key X; did you mean Y? valid keys here: ...'."""
-    schema = _schema_at(full_key)
-    leaf = full_key.split(".")[-1]
-    valid = _valid_keys(schema)
-    msg = f"unknown config key '{full_key}'"
-    close = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.5)
-    if close:
-        prefix = full_key.rsplit(".", 1)[0] + "." if "." in full_key else ""
-        msg += f"; did you mean '{prefix}{close[0]}'?"
-    if valid:
-        msg += f" Valid keys here: {', '.join(valid)}"
-    return msg
+    """'unknown config key X; did you mean Y? Valid keys here: ...' for a dotted key."""
+    node: Any = RunConfig
+    parts = full_key.split(".")
+    for depth, part in enumerate(parts):
+        own = {f.name: f for f in fields(node)}
+        if part in own and depth < len(parts) - 1:
+            sub = own[part].type
+            node = sub if isinstance(sub, type) else globals().get(str(sub))
+            if is_dataclass(node):
+                continue
+        prefix = ".".join(parts[:depth])
+        prefix = prefix + "." if prefix else ""
+        msg = f"unknown config key '{full_key}'"
+        close = difflib.get_close_matches(part, list(own), n=1, cutoff=0.5)
+        if close:
+            msg += f"; did you mean '{prefix}{close[0]}'?"
+        return msg + f" Valid keys under '{prefix or '<top>'}': {', '.join(own)}"
+    return f"unknown config key '{full_key}'"
 
 
 def _find_root(path: Path) -> Path:
