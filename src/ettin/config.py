@@ -240,32 +240,40 @@ def _find_root(path: Path) -> Path:
     return path.resolve().parent
 
 
+def _split_overrides(root: Path, overrides: list[str]) -> tuple[list[str], list[str]]:
+    """Group choices (`objective=clm`) go to Hydra; plain keys (`optim.lr=1e-3`) onto the schema."""
+    groups, keys = [], []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not key=value (e.g. optim.lr=1e-3 or objective=clm)")
+        name = item.split("=", 1)[0].lstrip("+~")
+        (groups if (root / name).is_dir() else keys).append(item)
+    return groups, keys
+
+
 def compose(path: str | os.PathLike, overrides: list[str] | None = None) -> DictConfig:
-    """Compose a run file and `key=value` / `group=option` overrides with Hydra (untyped)."""
+    """Compose a run file with Hydra, then apply `key=value` overrides (untyped result)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import ConfigCompositionException, MissingConfigException
+    from hydra.errors import HydraException
 
     file = Path(path)
     if not file.exists():
         raise ConfigError(f"config file not found: {file}")
     root = _find_root(file)
     name = str(file.resolve().relative_to(root).with_suffix(""))
+    groups, keys = _split_overrides(root, list(overrides or []))
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(root), version_base="1.3"):
-            return hydra_compose(config_name=name, overrides=list(overrides or []))
-    except ConfigCompositionException as err:
-        text = str(err)
-        key = None
-        if "Could not override '" in text:
-            key = text.split("Could not override '")[1].split("'")[0]
-        raise ConfigError(unknown_key_message(key) if key else text) from err
-    except MissingConfigException as err:
-        raise ConfigError(f"{err} (config tree: {root})") from err
+            cfg = hydra_compose(config_name=name, overrides=groups)
+    except HydraException as err:
+        raise ConfigError(f"{file}: {err}".split("\nConfig search path")[0]) from err
     finally:
         GlobalHydra.instance().clear()
+    OmegaConf.set_struct(cfg, False)
+    return OmegaConf.merge(cfg, OmegaConf.from_dotlist([k.lstrip("+") for k in keys]))
 
 
 def to_run_config(raw: DictConfig | dict) -> RunConfig:

@@ -211,9 +211,14 @@ def build_trainer(cfg: RunConfig):
 
 def train(cfg: RunConfig) -> Any:
     """Run (or resume) one phase to its end; returns the trainer's final state."""
+    from composer.utils import dist
+
     trainer = build_trainer(cfg)
     trainer.fit()
     trainer.close()
+    if dist.get_global_rank() == 0:
+        # The recipe runner skips stages that have this marker.
+        (Path(cfg.run_dir) / "DONE").write_text(f"{trainer.state.timestamp.batch.value} batches\n")
     return trainer.state
 
 
@@ -227,3 +232,9 @@ def main(argv: list[str]) -> None:
     train(cfg)
 
 
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])

@@ -72,7 +72,8 @@ class Throughput(Callback):
         if self._table is None or self._table.numel() <= width or self._table.device != device:
             assert self.flops_per_token_fn is not None
             fn = self.flops_per_token_fn
-            table = [0.0] + [length * fn(length) for length in range(1, width + 1)]
+            size = max(width, 2 * (self._table.numel() - 1)) if self._table is not None else width
+            table = [0.0] + [length * fn(length) for length in range(1, size + 1)]
             self._table = torch.tensor(table, dtype=torch.float64, device=device)
         return self._table
 
@@ -86,11 +87,12 @@ class Throughput(Callback):
             return
 
         lengths = sequence_lengths(mask)
-        stats = torch.zeros(3, dtype=torch.float64, device=mask.device)
-        stats[0] = lengths.sum()
-        stats[1] = (lengths > 0).sum()
-        if self.flops_per_token_fn is not None:
-            stats[2] = self._sequence_flops(mask.shape[1], mask.device)[lengths].sum()
+        flops = (
+            self._sequence_flops(mask.shape[1], mask.device)[lengths].sum()
+            if self.flops_per_token_fn is not None
+            else torch.zeros((), dtype=torch.float64, device=mask.device)
+        )
+        stats = torch.stack([lengths.sum().double(), (lengths > 0).sum().double(), flops])
         self._totals = stats if self._totals is None else self._totals + stats
         self._batches += 1
         if self._batches < self.window:

@@ -1,0 +1,51 @@
+"""Export the trained model in the Hugging Face format when training ends."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+from composer.core import Callback, State
+from composer.loggers import Logger
+from composer.utils import dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+
+def ettin_model(state: State) -> nn.Module:
+    """The `ettin.model.EttinModel` inside the trainer's (possibly DDP-wrapped) ComposerModel."""
+    model = state.model
+    if isinstance(model, DistributedDataParallel):
+        model = model.module
+    inner = getattr(model, "model", None)
+    if inner is None:
+        raise AttributeError(f"{type(model).__name__} has no `.model` (the wrapped EttinModel) to export")
+    return inner
+
+
+class HFExport(Callback):
+    """At `Event.FIT_END`, rank 0 writes the model with `ettin.interop.export_hf` to `out_dir`.
+
+    Under FSDP every rank gathers the full parameters (rank 0 keeps them) before the export; the
+    other ranks wait at a barrier until rank 0 is done.
+    """
+
+    def __init__(self, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> None:
+        self.out_dir = Path(out_dir)
+        self.tokenizer_dir = tokenizer_dir
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        del logger
+        gather = contextlib.nullcontext()
+        if state.fsdp_enabled:
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            gather = FullyShardedDataParallel.summon_full_params(
+                state.model, writeback=False, rank0_only=True, offload_to_cpu=True
+            )
+        with gather:
+            if dist.get_global_rank() == 0:
+                from ettin.interop import export_hf
+
+                export_hf(ettin_model(state), self.out_dir, tokenizer=self.tokenizer_dir)
+        dist.barrier()

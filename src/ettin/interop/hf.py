@@ -1,0 +1,301 @@
+"""Hugging Face conversion: EttinModel <-> ModernBertForMaskedLM / ModernBertDecoderForCausalLM.
+
+Our state-dict names are HF's encoder names, so the encoder maps one to one. The decoder differs
+in two places: the fused `attn.Wqkv` is split into `attn.{q,k,v}_proj` and `head.*` is `lm_head.*`.
+Facts behind the choices (transformers 4.57.6) are in docs/architecture.md, "Hugging Face mapping".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoTokenizer,
+    ModernBertConfig,
+    ModernBertDecoderConfig,
+    ModernBertDecoderForCausalLM,
+    ModernBertForMaskedLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from ettin.model import EttinModel, ModelArgs
+
+__all__ = [
+    "check_tokenizer",
+    "export_hf",
+    "from_hf_state_dict",
+    "hf_config",
+    "import_hf",
+    "load_hf_state_dict",
+    "to_hf_state_dict",
+]
+
+# HF config fields that our architecture fixes: no norm/attention/MLP/head biases, a decoder bias,
+# exact GELU everywhere, tied embeddings. Importing a model with other values is refused.
+FIXED_HF_FIELDS: dict[str, Any] = {
+    "norm_bias": False,
+    "attention_bias": False,
+    "mlp_bias": False,
+    "classifier_bias": False,
+    "decoder_bias": True,
+    "hidden_activation": "gelu",
+    "classifier_activation": "gelu",
+    "tie_word_embeddings": True,
+}
+TokenizerLike = PreTrainedTokenizerBase | str | os.PathLike | None
+
+
+def check_tokenizer(tokenizer: PreTrainedTokenizerBase, args: ModelArgs) -> None:
+    """Refuse a tokenizer whose ids do not fit the model (too many tokens, another pad id)."""
+    if len(tokenizer) > args.vocab_size:
+        raise ValueError(
+            f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {args.vocab_size}: "
+            f"ids >= {args.vocab_size} would index past the embedding. Build the model with "
+            f"vocab_size >= {len(tokenizer)} or use the tokenizer it was trained with."
+        )
+    if args.pad_token_id is not None and tokenizer.pad_token_id != args.pad_token_id:
+        raise ValueError(
+            f"tokenizer pad id {tokenizer.pad_token_id} differs from the model's pad_token_id "
+            f"{args.pad_token_id}: this is not the tokenizer the model was built for"
+        )
+
+
+def to_hf_state_dict(model: EttinModel) -> dict[str, Tensor]:
+    """The model's weights under HF names (encoder: unchanged; decoder: q/k/v split, lm_head)."""
+    state = model.state_dict()
+    if not model.args.causal:
+        return dict(state)
+    out = {}
+    for name, tensor in state.items():
+        if name.endswith("attn.Wqkv.weight"):
+            prefix = name.removesuffix("Wqkv.weight")
+            q, k, v = tensor.chunk(3, dim=0)  # rows [q | k | v], each (H, H)
+            out.update({prefix + "q_proj.weight": q, prefix + "k_proj.weight": k, prefix + "v_proj.weight": v})
+        elif name.startswith("head."):
+            out["lm_head." + name.removeprefix("head.")] = tensor
+        else:
+            out[name] = tensor
+    return out
+
+
+def _to_ettin_names(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Encoder- or decoder-style HF names -> ours (q/k/v concatenated, lm_head -> head)."""
+    out = {}
+    for name, tensor in state.items():
+        if name.endswith("attn.q_proj.weight"):
+            prefix = name.removesuffix("q_proj.weight")
+            parts = [state.get(prefix + p + "_proj.weight") for p in "qkv"]
+            if any(p is None for p in parts):
+                raise ValueError(f"{prefix}q_proj.weight has no matching k_proj/v_proj weight")
+            out[prefix + "Wqkv.weight"] = torch.cat(parts, dim=0)  # (3H, H)
+        elif name.endswith(("attn.k_proj.weight", "attn.v_proj.weight")):
+            continue  # consumed with q_proj
+        elif name.startswith("lm_head."):
+            out["head." + name.removeprefix("lm_head.")] = tensor
+        else:
+            out[name] = tensor
+    return out
+
+
+def load_hf_state_dict(model: EttinModel, state: dict[str, Tensor]) -> None:
+    """Load HF-named weights (encoder or decoder layout) into `model`, or say exactly what differs.
+
+    A missing `decoder.weight` is fine (it is tied to the embedding and HF does not save it).
+    """
+    state = _to_ettin_names(state)
+    expected = model.state_dict()
+    for name, tensor in expected.items():
+        if name in state and state[name].shape != tensor.shape:
+            raise ValueError(
+                f"state dict does not fit this model (another size?): first mismatched tensor {name!r} "
+                f"expected shape {tuple(tensor.shape)}, found {tuple(state[name].shape)}"
+            )
+    missing = [n for n in expected if n not in state and n != "decoder.weight"]
+    unexpected = [n for n in state if n not in expected]
+    if missing or unexpected:
+        raise ValueError(
+            f"state dict does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]} "
+            "(biases or other extra tensors are not part of the Ettin architecture)"
+        )
+    embedding = state["model.embeddings.tok_embeddings.weight"]
+    if "decoder.weight" in state and not torch.equal(state["decoder.weight"], embedding):
+        raise ValueError("decoder.weight differs from the token embedding; untied output layers are unsupported")
+    model.load_state_dict({**state, "decoder.weight": embedding}, strict=True)
+
+
+def from_hf_state_dict(state: dict[str, Tensor], args: ModelArgs) -> EttinModel:
+    """A new EttinModel with `args`, holding HF-named weights (see `load_hf_state_dict`)."""
+    model = EttinModel(args)
+    load_hf_state_dict(model, state)
+    return model
+
+
+def _load_tokenizer(tokenizer: TokenizerLike) -> PreTrainedTokenizerBase | None:
+    if tokenizer is None or isinstance(tokenizer, PreTrainedTokenizerBase):
+        return tokenizer
+    return AutoTokenizer.from_pretrained(str(tokenizer))
+
+
+def hf_config(args: ModelArgs, tokenizer: PreTrainedTokenizerBase | None = None) -> PretrainedConfig:
+    """The HF config for `args`; token ids from the tokenizer, else only the model's pad id."""
+    if tokenizer is not None:
+        cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+        sep_id = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+        ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=cls_id, cls_token_id=cls_id,
+                   eos_token_id=sep_id, sep_token_id=sep_id)  # fmt: skip
+    else:  # unknown ids are left unset rather than guessed
+        ids = dict(pad_token_id=args.pad_token_id, bos_token_id=None, cls_token_id=None,
+                   eos_token_id=None, sep_token_id=None)  # fmt: skip
+    common = dict(
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size,
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=args.num_heads,
+        norm_eps=args.norm_eps,
+        global_rope_theta=args.global_rope_theta,
+        local_rope_theta=args.local_rope_theta,
+        local_attention=args.local_attention,
+        global_attn_every_n_layers=args.global_attn_every_n_layers,
+        initializer_range=args.init_std,
+        initializer_cutoff_factor=args.init_cutoff_factor,
+        **FIXED_HF_FIELDS,
+        **ids,
+    )
+    if args.causal:
+        return ModernBertDecoderConfig(
+            **common, layer_types=list(args.layer_types), architectures=["ModernBertDecoderForCausalLM"]
+        )
+    return ModernBertConfig(**common, reference_compile=False, architectures=["ModernBertForMaskedLM"])
+
+
+def export_hf(
+    model: EttinModel,
+    out_dir: str | os.PathLike,
+    tokenizer: TokenizerLike = None,
+    *,
+    dtype: torch.dtype | None = None,
+    allow_rope_mismatch: bool = False,
+) -> Path:
+    """Write `model` as an HF model directory (safetensors + config.json [+ tokenizer]).
+
+    Encoder -> ModernBertForMaskedLM, decoder -> ModernBertDecoderForCausalLM. The weights go
+    through `load_state_dict(strict=True)` on the HF class, so nothing can be silently dropped.
+    `dtype` defaults to the model's parameter dtype.
+    """
+    args = model.args
+    tokenizer = _load_tokenizer(tokenizer)
+    if tokenizer is not None:
+        check_tokenizer(tokenizer, args)
+    if args.causal and args.local_rope_theta != args.global_rope_theta:
+        message = (
+            f"decoder has local_rope_theta={args.local_rope_theta} but global_rope_theta="
+            f"{args.global_rope_theta}; HF ModernBertDecoder (transformers 4.57) applies the global "
+            "theta in every layer, so the exported model would compute different outputs"
+        )
+        if not allow_rope_mismatch:
+            raise ValueError(message + " (pass allow_rope_mismatch=True to export anyway)")
+        warnings.warn(message, stacklevel=2)
+    config = hf_config(args, tokenizer)
+    hf_cls = ModernBertDecoderForCausalLM if args.causal else ModernBertForMaskedLM
+    hf_model: PreTrainedModel = hf_cls(config)
+    hf_model.load_state_dict(to_hf_state_dict(model), strict=True)
+    hf_model.to(dtype or next(model.parameters()).dtype)
+    out = Path(out_dir)
+    hf_model.save_pretrained(out, safe_serialization=True)
+    if args.causal:  # HF does not save local_attention and re-derives sliding_window from it on load
+        config_path = out / "config.json"
+        saved = json.loads(config_path.read_text())
+        saved["local_attention"] = args.local_attention
+        config_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
+
+
+def _args_from_hf(config: PretrainedConfig, raw: dict[str, Any], source: str) -> ModelArgs:
+    """ModelArgs for an HF config; `raw` is config.json as written (HF re-derives sliding_window)."""
+    if config.model_type not in ("modernbert", "modernbert-decoder"):
+        raise ValueError(f"{source}: model_type {config.model_type!r} is not modernbert or modernbert-decoder")
+    for field, value in FIXED_HF_FIELDS.items():
+        if getattr(config, field) != value:
+            raise ValueError(
+                f"{source}: {field}={getattr(config, field)!r} is not supported (Ettin models use {value!r})"
+            )
+    causal = config.model_type == "modernbert-decoder"
+    every_n = config.global_attn_every_n_layers
+    local_theta = config.local_rope_theta if config.local_rope_theta is not None else config.global_rope_theta
+    if causal:
+        layer_types = list(config.layer_types)
+        candidates = [every_n, *range(1, config.num_hidden_layers + 1)]
+        every_n = next(
+            (n for n in candidates
+             if layer_types == ["full_attention" if i % n == 0 else "sliding_attention" for i in range(len(layer_types))]),
+            None,
+        )  # fmt: skip
+        if every_n is None:
+            raise ValueError(f"{source}: layer_types {layer_types} is not 'global iff layer % n == 0' for any n")
+        local_attention = raw.get("local_attention") or 2 * raw.get("sliding_window", 64)
+        if local_theta != config.global_rope_theta:
+            warnings.warn(
+                f"{source}: local_rope_theta={local_theta} is ignored by HF ModernBertDecoder, which applies "
+                f"global_rope_theta={config.global_rope_theta} in every layer; importing with the HF behaviour",
+                stacklevel=3,
+            )
+        local_theta = config.global_rope_theta
+    else:
+        local_attention = config.local_attention
+    return ModelArgs(
+        num_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_heads=config.num_attention_heads,
+        vocab_size=config.vocab_size,
+        causal=causal,
+        global_attn_every_n_layers=every_n,
+        local_attention=local_attention,
+        global_rope_theta=config.global_rope_theta,
+        local_rope_theta=local_theta,
+        norm_eps=config.norm_eps,
+        init_std=config.initializer_range,
+        init_cutoff_factor=config.initializer_cutoff_factor,
+        pad_token_id=config.pad_token_id,
+    )
+
+
+def import_hf(
+    name_or_dir: str | os.PathLike, *, local_files_only: bool | None = None
+) -> tuple[EttinModel, PreTrainedTokenizerBase | None]:
+    """Load an HF ModernBERT encoder or decoder (directory or Hub name) as an EttinModel.
+
+    Returns the model and the tokenizer stored beside it (None when there is none).
+    """
+    source = str(name_or_dir)
+    hub = {} if local_files_only is None else {"local_files_only": local_files_only}
+    config = AutoConfig.from_pretrained(source, **hub)
+    raw, _ = PretrainedConfig.get_config_dict(source, **hub)
+    args = _args_from_hf(config, raw, source)
+    auto = AutoModelForCausalLM if args.causal else AutoModelForMaskedLM
+    hf_model = auto.from_pretrained(source, config=config, dtype=torch.float32, **hub)
+    model = from_hf_state_dict(hf_model.state_dict(), args)
+    return model, _tokenizer_beside(source, hub)
+
+
+def _tokenizer_beside(source: str, hub: dict) -> PreTrainedTokenizerBase | None:
+    if Path(source).is_dir() and not any((Path(source) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(source, **hub)
+    except (OSError, ValueError):
+        return None
