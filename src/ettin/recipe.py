@@ -184,3 +184,64 @@ def register(subparsers) -> None:
     p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per stage, via Composer's launcher")
     p.set_defaults(func=cmd_recipe)
 
+
+
+def run_files(root: Path | None = None) -> list[Path]:
+    """Every run file of the suite: yamls/*.yaml (per size, objective, phase) and yamls/cross/*.yaml."""
+    from ettin.config import yamls_root
+
+    root = root or yamls_root()
+    files = [p for p in sorted(root.glob("*.yaml")) if p.name != "base.yaml"]
+    return files + sorted((root / "cross").glob("*.yaml"))
+
+
+def suite_table() -> str:
+    """The Markdown table of every run's key numbers, read from the run files themselves."""
+    head = (
+        "| run | obj | size | data | seq | lr | wd | micro | batch | tokens | warm-up | decay | "
+        "alpha_f | shape | RoPE g/l | mask | seed | starts from |\n"
+        "|" + "---|" * 18
+    )
+    sizes = ["17m", "32m", "68m", "150m", "400m", "1b"]
+    phases = ["pretrain", "extension", "decay"]
+    configs = [(p, load_config(p)) for p in run_files()]
+    configs.sort(
+        key=lambda pc: (
+            sizes.index(pc[1].model.size) if pc[1].model.size in sizes else len(sizes),
+            pc[0].parent.name == "cross",
+            pc[1].objective.name,
+            phases.index(Path(pc[1].data.path).name) if Path(pc[1].data.path).name in phases else 0,
+        )
+    )
+    rows = [head]
+    for _, c in configs:
+        start = Path(c.init_from).parts[1] if c.init_from else "scratch"
+        theta = f"{c.model.global_rope_theta / 1000:g}k/{c.model.local_rope_theta / 1000:g}k"
+        mask = f"{c.objective.mlm_probability:g}" if c.objective.name == "mlm" else "-"
+        rows.append(
+            f"| {c.run_name} | {c.objective.name} | {c.model.size} | {Path(c.data.path).name} | "
+            f"{c.data.max_seq_len} | {c.optim.lr:g} | {c.optim.weight_decay:g} | "
+            f"{c.device_train_microbatch_size} | {c.global_train_batch_size} | {c.max_duration} | "
+            f"{c.scheduler.t_warmup} | {c.scheduler.t_decay} | {c.scheduler.alpha_f:g} | "
+            f"{c.scheduler.decay_shape} | {theta} | {mask} | {c.seed} | {start} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+TABLE_START, TABLE_END = "<!-- suite-table:start -->", "<!-- suite-table:end -->"
+
+
+def write_suite_table(doc: Path) -> bool:
+    """Refresh the generated table inside docs/recipe.md; True if the file changed."""
+    text = doc.read_text()
+    before, rest = text.split(TABLE_START, 1)
+    _, after = rest.split(TABLE_END, 1)
+    new = f"{before}{TABLE_START}\n{suite_table()}{TABLE_END}{after}"
+    if new != text:
+        doc.write_text(new)
+    return new != text
+
+
+if __name__ == "__main__":  # python -m ettin.recipe: regenerate docs/recipe.md's table
+    target = Path(__file__).resolve().parents[2] / "docs" / "recipe.md"
+    print(("updated " if write_suite_table(target) else "up to date: ") + str(target))

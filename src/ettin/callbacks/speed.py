@@ -8,7 +8,7 @@ its own length (attention cost grows with it; packed rows hold several sequences
 
 from __future__ import annotations
 
-import time
+from time import perf_counter
 from collections.abc import Callable
 
 import torch
@@ -78,7 +78,7 @@ class Throughput(Callback):
         return self._table
 
     def batch_end(self, state: State, logger: Logger) -> None:
-        now = time.perf_counter()
+        now = perf_counter()
         mask = state.batch["attention_mask"] if isinstance(state.batch, dict) else None
         if mask is None:
             raise KeyError("Throughput needs batches with an 'attention_mask' (see docs/CONTRACTS.md)")
@@ -119,12 +119,12 @@ class Throughput(Callback):
 
     def eval_start(self, state: State, logger: Logger) -> None:
         del state, logger
-        self._eval_start = time.perf_counter()
+        self._eval_start = perf_counter()
 
     def eval_end(self, state: State, logger: Logger) -> None:
         del state, logger
         if self._eval_start is not None and self._start is not None:
-            self._start += time.perf_counter() - self._eval_start
+            self._start += perf_counter() - self._eval_start
         self._eval_start = None
 
 

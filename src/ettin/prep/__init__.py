@@ -1,0 +1,1 @@
+"""Data preparation: corpus -> tokenizer -> chunks -> MDS shards (`ettin prep`)."""

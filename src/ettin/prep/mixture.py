@@ -1,0 +1,225 @@
+"""The mixture file (`data_prep/*.yaml`): its typed schema and its loader.
+
+A mixture names its `sources` (where documents come from) and its `phases` (what to build from
+them: chunk length, token budget, validation share, seed, and how much of each source). The YAML
+is merged onto the dataclasses below with OmegaConf, so an unknown or misspelt key is an error
+that names the file, the key and the closest valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, get_args, get_type_hints
+
+from ettin.prep.errors import PrepError
+from ettin.prep.readers import FORMATS
+
+
+@dataclass(kw_only=True)
+class SourceConfig:
+    """Where one source's documents come from."""
+
+    format: str
+    """One of jsonl, parquet, text, hf_disk."""
+    path: str | None = None
+    """A file or folder; relative paths are taken from the current directory."""
+    corpus: str | None = None
+    """Instead of `path`: a bundled corpus (`sotu`, `bench/django`, ...) fetched on first use."""
+    text_field: str = "text"
+    """jsonl / parquet / hf_disk: the field or column holding the text."""
+    id_field: str | None = "id"
+    """jsonl / parquet / hf_disk: the field holding a document id (else the file position)."""
+    glob: str | None = None
+    """Folder sources: the file pattern searched recursively (default by format)."""
+    split: str = "train"
+    """hf_disk: the split to read when the dataset is a DatasetDict."""
+    max_docs: int | None = None
+    """Read only the first `max_docs` documents (in reader order), e.g. for a quick slice."""
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"format {self.format!r} is not one of {', '.join(FORMATS)}")
+        if (self.path is None) == (self.corpus is None):
+            raise ValueError("give exactly one of `path` and `corpus`")
+        if self.max_docs is not None and self.max_docs < 1:
+            raise ValueError(f"max_docs must be positive, got {self.max_docs}")
+
+
+@dataclass(kw_only=True)
+class MixEntry:
+    """How much of one source goes into one phase's train split."""
+
+    weight: float | None = None
+    """Share of the phase's `tokens` left after the fixed `tokens` entries."""
+    tokens: int | None = None
+    """A fixed train-token budget for this source."""
+
+    def __post_init__(self) -> None:
+        if self.weight is not None and self.tokens is not None:
+            raise ValueError("give `weight` or `tokens`, not both")
+        if self.weight is not None and self.weight <= 0:
+            raise ValueError(f"weight must be positive, got {self.weight}")
+        if self.tokens is not None and self.tokens <= 0:
+            raise ValueError(f"tokens must be positive, got {self.tokens}")
+
+
+@dataclass(kw_only=True)
+class PhaseConfig:
+    """One training phase's dataset."""
+
+    context_length: int
+    """C: chunks hold at most C tokens, CLS and SEP included (1024 pretrain, 8000 after)."""
+    tokens: int | None = None
+    """Train-token budget of the phase; null: every chunk of every source once."""
+    val_fraction: float = 0.0
+    """Share of each source's documents (by tokens) held out for validation."""
+    seed: int = 42
+    """Seeds the validation split, backfill, sampling and the shard order."""
+    min_chunk_tokens: int = 32
+    """Non-first chunks shorter than this are dropped."""
+    backfill_below: int = 0
+    """If > 0, non-first chunks shorter than this take tokens from the previous chunk."""
+    mix: dict[str, MixEntry] = field(default_factory=dict)
+    """Source name -> its share; an entry with neither weight nor tokens takes every chunk once."""
+
+    def __post_init__(self) -> None:
+        from ettin.prep.chunking import ChunkRules
+
+        ChunkRules(
+            context_length=self.context_length,
+            min_chunk_tokens=self.min_chunk_tokens,
+            backfill_below=self.backfill_below,
+        )
+        if not 0.0 <= self.val_fraction < 0.5:
+            raise ValueError(f"val_fraction must be in [0, 0.5), got {self.val_fraction}")
+        if not self.mix:
+            raise ValueError("`mix` must name at least one source")
+        if self.tokens is not None and self.tokens <= 0:
+            raise ValueError(f"tokens must be positive, got {self.tokens}")
+        fixed = sum(e.tokens or 0 for e in self.mix.values())
+        weighted = [n for n, e in self.mix.items() if e.weight is not None]
+        if self.tokens is None and weighted:
+            raise ValueError(f"mix entries {weighted} have a weight but the phase has no `tokens`")
+        if self.tokens is not None:
+            plain = [n for n, e in self.mix.items() if e.weight is None and e.tokens is None]
+            if plain:
+                raise ValueError(f"with a phase `tokens` budget, give {plain} a weight or tokens")
+            if fixed > self.tokens or (weighted and fixed == self.tokens):
+                raise ValueError(f"fixed mix tokens ({fixed}) leave nothing of tokens={self.tokens}")
+
+
+@dataclass(kw_only=True)
+class Mixture:
+    """A whole mixture file."""
+
+    sources: dict[str, SourceConfig]
+    """Source name -> where its documents are."""
+    phases: dict[str, PhaseConfig]
+    """Phase name -> what to build; written to `<out>/<phase>/`, in this order."""
+    tokenizer: str = "ettin"
+    """`ettin` (the offline rebuild), a tokenizer folder, or a Hugging Face Hub name."""
+    compression: str | None = None
+    """MDS shard compression (e.g. `zstd`); null keeps shards directly readable."""
+    shard_size: str = "64mb"
+    """Largest MDS shard file."""
+
+    def __post_init__(self) -> None:
+        if not self.phases:
+            raise ValueError("no `phases`")
+        for name, phase in self.phases.items():
+            unknown = [s for s in phase.mix if s not in self.sources]
+            if unknown:
+                raise ValueError(
+                    f"phase {name!r} mixes unknown source(s) {unknown}{_suggest(unknown[0], self.sources)};"
+                    f" sources: {sorted(self.sources)}"
+                )
+        used = {s for phase in self.phases.values() for s in phase.mix}
+        unused = [s for s in self.sources if s not in used]
+        if unused:
+            raise ValueError(f"source(s) {unused} are not used by any phase: remove them")
+
+
+def _suggest(word: str, valid: Any) -> str:
+    close = difflib.get_close_matches(word, list(valid), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _schema_at(parts: list[str]) -> type | None:
+    """The dataclass that holds the last part of a dotted key path, walking dict values."""
+    node: Any = Mixture
+    for part in parts[:-1]:
+        if is_dataclass(node):
+            hint = get_type_hints(node).get(part)
+            if hint is None:
+                return None
+            args = get_args(hint)
+            node = args[-1] if args and getattr(hint, "__origin__", None) is dict else hint
+        # else: a dict key (source / phase / mix name); stay on the value schema
+    return node if is_dataclass(node) else None
+
+
+def _unknown_key_message(where: str, full_key: str) -> str:
+    parts = full_key.split(".")
+    schema = _schema_at(parts)
+    valid = [f.name for f in fields(schema)] if schema else []
+    return (
+        f"{where}: unknown key {full_key!r}{_suggest(parts[-1], valid)}; valid keys here: "
+        f"{', '.join(valid)}"
+    )
+
+
+def _build(node: Any, where: str) -> None:
+    from omegaconf import OmegaConf
+
+    try:
+        OmegaConf.to_object(node)
+    except ValueError as err:
+        raise PrepError(f"{where}: {err}") from None
+
+
+def parse_mixture(raw: Any, where: str = "<mixture>") -> Mixture:
+    """Validate a mapping (or OmegaConf node) against the schema; errors name `where`."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Mixture), raw)
+        # Build the parts first, so that a failed check names the phase or source concerned.
+        for name, phase in merged.phases.items():
+            for source, entry in phase.mix.items():
+                _build(entry, f"{where}: phases.{name}.mix.{source}")
+            _build(phase, f"{where}: phases.{name}")
+        for name, source in merged.sources.items():
+            _build(source, f"{where}: sources.{name}")
+        return OmegaConf.to_object(merged)
+    except PrepError:
+        raise
+    except ConfigKeyError as err:
+        raise PrepError(_unknown_key_message(where, str(err.full_key))) from None
+    except MissingMandatoryValue as err:
+        raise PrepError(f"{where}: {err.full_key!r} is required") from None
+    except OmegaConfBaseException as err:
+        msg = str(err).splitlines()[0]
+        raise PrepError(f"{where}: bad value at {err.full_key!r}: {msg}") from None
+    except ValueError as err:
+        raise PrepError(f"{where}: {err}") from None
+
+
+def load_mixture(path: str | os.PathLike) -> Mixture:
+    """Read and validate a mixture YAML file."""
+    from omegaconf import OmegaConf
+
+    path = Path(path)
+    if not path.is_file():
+        raise PrepError(f"mixture file {path} not found (see data_prep/ for examples)")
+    return parse_mixture(OmegaConf.load(path), str(path))
+
+
+def mixture_to_dict(mixture: Mixture) -> dict:
+    """A plain dict of the validated mixture (for `meta.json`)."""
+    from dataclasses import asdict
+
+    return asdict(mixture)

@@ -1,0 +1,137 @@
+"""The run configuration: composition, overrides, validation, and the 48 suite files."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ettin.config import ConfigError, load_config, to_yaml
+from ettin.recipe import TABLE_END, TABLE_START, format_plan, plan, run_files, suite_table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_suite_has_48_run_files():
+    files = run_files()
+    assert len([f for f in files if f.parent.name != "cross"]) == 36
+    assert len([f for f in files if f.parent.name == "cross"]) == 12
+
+
+@pytest.mark.parametrize("path", run_files(), ids=lambda p: p.stem)
+def test_every_run_file_composes_and_builds_on_meta(path):
+    from ettin.model import EttinModel, model_args
+
+    cfg = load_config(path)
+    assert cfg.run_name == path.stem
+    assert cfg.global_train_batch_size == 4608
+    args = model_args(cfg.model.size, causal=cfg.objective.name == "clm")
+    with torch.device("meta"):
+        model = EttinModel(args)
+    assert sum(p.numel() for p in model.parameters()) > 10_000_000
+
+
+@pytest.mark.parametrize(
+    ("run", "lr", "micro", "tokens", "seq", "theta"),
+    [
+        ("encoder-150m", 8e-4, 72, "1_700_000_000_000tok", 1024, 10000.0),
+        ("decoder-150m-extension", 8e-4, 16, "250_000_000_000tok", 8000, 160000.0),
+        ("encoder-400m-decay", 2.5e-4, 2, "50_000_000_000tok", 8000, 160000.0),
+        ("decoder-1b-decay", 2.5e-4, 2, "16_666_666_667tok", 8000, 160000.0),
+        ("cross/encoder-from-decoder-68m", 1.5e-3, 8, "50_000_000_000tok", 8000, 160000.0),
+    ],
+)
+def test_reference_numbers(run, lr, micro, tokens, seq, theta):
+    cfg = load_config(ROOT / "yamls" / f"{run}.yaml")
+    assert cfg.optim.lr == pytest.approx(lr)
+    assert cfg.device_train_microbatch_size == micro
+    assert cfg.max_duration == tokens
+    assert cfg.data.max_seq_len == seq
+    assert cfg.model.global_rope_theta == cfg.model.local_rope_theta == theta
+
+
+def test_phase_specific_settings():
+    dec = load_config(ROOT / "yamls/encoder-17m-decay.yaml")
+    assert dec.objective.mlm_probability == 0.15
+    assert (dec.scheduler.alpha_f, dec.scheduler.decay_shape, dec.scheduler.t_decay) == (0.04, "1-sqrt", "1dur")
+    assert dec.init_from == "runs/encoder-17m-extension/checkpoints/latest-rank0.pt"
+    cross = load_config(ROOT / "yamls/cross/decoder-from-encoder-150m.yaml")
+    assert (cross.seed, cross.objective.name) == (210, "clm")
+    assert cross.init_from == "runs/encoder-150m-decay/checkpoints/latest-rank0.pt"
+    assert (cross.scheduler.t_warmup, cross.scheduler.t_decay) == ("3_000_000_000tok", "10_000_000_000tok")
+
+
+def test_objective_swap_is_one_override():
+    cfg = load_config(ROOT / "yamls/encoder-32m.yaml", ["objective=clm"])
+    assert cfg.objective.name == "clm"
+    assert cfg.model.size == "32m"
+
+
+def test_key_overrides_and_interpolation():
+    cfg = load_config(ROOT / "yamls/tiny/encoder.yaml", ["optim.lr=1e-3", "data_root=/x", "run_name=abc"])
+    assert cfg.optim.lr == 1e-3
+    assert cfg.data.path == "/x/pretrain"
+    assert cfg.run_dir == "runs/abc"
+    assert "run_name: abc" in to_yaml(cfg)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("optim.lrr=1", "did you mean 'optim.lr'"),
+        ("run_nam=x", "did you mean 'run_name'"),
+        ("modle.size=1b", "did you mean 'model'"),
+        ("scheduler.decay_shape=cosine", "not one of linear, 1-sqrt"),
+        ("objective.name=mlmm", "did you mean 'mlm'"),
+        ("optim.lr=fast", "could not be converted"),
+        ("objective=nope", "Could not find 'objective/nope'"),
+        ("objective.mlm_probability=1.5", "must be in (0, 1)"),
+        ("optim.lr", "is not key=value"),
+    ],
+)
+def test_bad_overrides_name_the_problem(override, expected):
+    with pytest.raises(ConfigError, match=None) as err:
+        load_config(ROOT / "yamls/encoder-17m.yaml", [override])
+    assert expected in str(err.value)
+
+
+def test_unknown_key_in_a_yaml_file(tmp_path):
+    tree = tmp_path / "yamls"
+    tree.mkdir()
+    (tree / "base.yaml").write_text("run_name: x\ndata: {path: d}\n")
+    (tree / "run.yaml").write_text("defaults:\n  - base\n  - _self_\noptim:\n  weight_decy: 0.1\n")
+    with pytest.raises(ConfigError, match="did you mean 'optim.weight_decay'"):
+        load_config(tree / "run.yaml")
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("yamls/nope.yaml")
+
+
+def test_recipe_doc_table_is_up_to_date():
+    text = (ROOT / "docs/recipe.md").read_text()
+    table = text.split(TABLE_START)[1].split(TABLE_END)[0].strip()
+    assert table == suite_table().strip(), "run `python -m ettin.recipe` to refresh docs/recipe.md"
+
+
+def test_recipe_plan_chains_stages(tmp_path):
+    stages = plan(ROOT / "recipes/ettin-68m.yaml", runs_root=str(tmp_path))
+    names = [s.cfg.run_name for s in stages]
+    assert names[:3] == ["encoder-68m", "encoder-68m-extension", "encoder-68m-decay"]
+    assert stages[1].cfg.init_from == str(tmp_path / "encoder-68m/checkpoints/latest-rank0.pt")
+    assert stages[6].cfg.init_from == str(tmp_path / "decoder-68m-decay/checkpoints/latest-rank0.pt")
+    assert all(s.status == "pending" for s in stages)
+    (tmp_path / "encoder-68m").mkdir()
+    (tmp_path / "encoder-68m/DONE").write_text("1")
+    stages = plan(ROOT / "recipes/ettin-68m.yaml", runs_root=str(tmp_path))
+    assert stages[0].status == "done"
+    text = format_plan("ettin-68m", stages)
+    assert "encoder-from-decoder-68m" in text and ">= 360,276" in text
+
+
+def test_recipe_rejects_unknown_start(tmp_path):
+    bad = tmp_path / "recipes" / "r.yaml"
+    bad.parent.mkdir()
+    bad.write_text(f"name: r\nstages:\n  - run: {ROOT}/yamls/encoder-17m-decay.yaml\n    start_from: nope\n")
+    with pytest.raises(ConfigError, match="not an earlier stage"):
+        plan(bad)
