@@ -52,9 +52,13 @@ def brute_mean_keys(seq_len: int, before: int, after: int) -> float:
 
 
 @pytest.mark.parametrize("seq_len", [1, 2, 5, 10, 64, 130, 300])
-@pytest.mark.parametrize(("before", "after"), [(2, 2), (1, 0), (63, 0), (64, 64), (1000, 1000), (1000, 0)])
+@pytest.mark.parametrize(
+    ("before", "after"), [(2, 2), (1, 0), (63, 0), (64, 64), (1000, 1000), (1000, 0)]
+)
 def test_mean_keys_counts_pairs(seq_len: int, before: int, after: int) -> None:
-    assert mean_keys(seq_len, before, after) == pytest.approx(brute_mean_keys(seq_len, before, after))
+    assert mean_keys(seq_len, before, after) == pytest.approx(
+        brute_mean_keys(seq_len, before, after)
+    )
 
 
 def test_flops_tiny_config_by_hand() -> None:
@@ -64,27 +68,46 @@ def test_flops_tiny_config_by_hand() -> None:
     head = 2 * (8 * 8 + 8 * 20)  # 448
     # Encoder keys: global 10; local, positions 0..9 see 3,4,5,5,5,5,5,5,4,3 keys -> 4.4.
     enc_attention = 4 * 8 * (10 + 4.4)
-    assert flops_per_token(Args(), 10, causal=False, training=False) == pytest.approx(weights + head + enc_attention)
-    assert flops_per_token(Args(), 10, causal=False) == pytest.approx(3 * (weights + head + enc_attention))
-    # MLM: only 30% of positions reach head.dense and the vocabulary projection.
-    assert flops_per_token(Args(), 10, causal=False, training=False, mlm_probability=0.3) == pytest.approx(
-        weights + 0.3 * head + enc_attention
+    assert flops_per_token(Args(), 10, causal=False, training=False) == pytest.approx(
+        weights + head + enc_attention
     )
+    assert flops_per_token(Args(), 10, causal=False) == pytest.approx(
+        3 * (weights + head + enc_attention)
+    )
+    # MLM: only 30% of positions reach head.dense and the vocabulary projection.
+    assert flops_per_token(
+        Args(), 10, causal=False, training=False, mlm_probability=0.3
+    ) == pytest.approx(weights + 0.3 * head + enc_attention)
     # Decoder keys: global causal (10+1)/2 = 5.5; local 1,2,2,...,2 -> 1.9.
     dec_attention = 4 * 8 * (5.5 + 1.9)
-    assert flops_per_token(Args(causal=True), 10, training=False) == pytest.approx(weights + head + dec_attention)
-    assert flops_per_token(Args(), 10, causal=True, training=False) == pytest.approx(weights + head + dec_attention)
+    assert flops_per_token(Args(causal=True), 10, training=False) == pytest.approx(
+        weights + head + dec_attention
+    )
+    assert flops_per_token(Args(), 10, causal=True, training=False) == pytest.approx(
+        weights + head + dec_attention
+    )
 
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_local_layers_scale_with_window_not_context(causal: bool) -> None:
     def attention(layers: int, seq_len: int) -> float:  # forward attention FLOPs per token
-        args = Args(num_layers=layers, hidden_size=64, intermediate_size=96, local_attention=128, causal=causal)
-        no_attention = flops_per_token(args, 1, training=False) - 4 * 64 * layers  # S=1: one key per layer
+        args = Args(
+            num_layers=layers,
+            hidden_size=64,
+            intermediate_size=96,
+            local_attention=128,
+            causal=causal,
+        )
+        no_attention = (
+            flops_per_token(args, 1, training=False) - 4 * 64 * layers
+        )  # S=1: one key per layer
         return flops_per_token(args, seq_len, training=False) - no_attention
 
     # Layers 1 and 2 are local: their share is flat in the context length, the global layer's is linear.
-    local_4k, local_8k = attention(3, 4096) - attention(1, 4096), attention(3, 8192) - attention(1, 8192)
+    local_4k, local_8k = (
+        attention(3, 4096) - attention(1, 4096),
+        attention(3, 8192) - attention(1, 8192),
+    )
     assert local_8k == pytest.approx(local_4k, rel=0.01)
     keys = 129 if not causal else 64
     assert local_8k == pytest.approx(2 * 4 * 64 * keys, rel=0.01)
@@ -103,7 +126,9 @@ def test_peak_flops() -> None:
 
 # ---------------------------------------------------------------- batch statistics
 
-MASK = torch.tensor([[1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 0, 0]])  # packed row (2 + 3) and a padded row (4)
+MASK = torch.tensor(
+    [[1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 0, 0]]
+)  # packed row (2 + 3) and a padded row (4)
 
 
 def test_sequence_lengths_and_packing_efficiency() -> None:
@@ -120,7 +145,9 @@ def test_sequence_lengths_and_packing_efficiency() -> None:
 def test_throughput_window(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = iter([0.0, 1.0, 1.5, 2.5, 4.0])
     monkeypatch.setattr(speed_module, "perf_counter", lambda: next(clock))
-    callback = Throughput(window=2, flops_per_token_fn=lambda length: 100.0 * length, peak_flops_per_device=1e3)
+    callback = Throughput(
+        window=2, flops_per_token_fn=lambda length: 100.0 * length, peak_flops_per_device=1e3
+    )
     logger = Recorder()
     state = SimpleNamespace(batch={"attention_mask": MASK})
     callback.batch_end(state, logger)  # t=0: the first batch only starts the clock
@@ -154,12 +181,17 @@ def test_grad_norm_covers_all_groups() -> None:
     expected = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
     total, groups = group_grad_norms(opt.param_groups)
     assert total.item() == pytest.approx(expected.item(), rel=1e-6)
-    per_group = [torch.nn.utils.get_total_norm([p.grad for p in ps if p.grad is not None]) for ps in (no_decay, decay)]
+    per_group = [
+        torch.nn.utils.get_total_norm([p.grad for p in ps if p.grad is not None])
+        for ps in (no_decay, decay)
+    ]
     assert [g.item() for g in groups] == pytest.approx([g.item() for g in per_group], rel=1e-6)
 
     callback, logger = GradNorm(interval=3), Recorder()
     for batch in range(4):
-        state = SimpleNamespace(timestamp=Timestamp(batch=batch), optimizers=[opt], fsdp_enabled=False)
+        state = SimpleNamespace(
+            timestamp=Timestamp(batch=batch), optimizers=[opt], fsdp_enabled=False
+        )
         callback.after_train_batch(state, logger)  # type: ignore[arg-type]
     assert len(logger.metrics) == 2  # batches 0 and 3
     assert logger.metrics[0]["grad_norm/total"] == pytest.approx(expected.item(), rel=1e-6)
@@ -172,7 +204,9 @@ def test_grad_norm_covers_all_groups() -> None:
 def test_hf_export_calls_interop(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     calls = []
     fake = ModuleType("ettin.interop")
-    fake.export_hf = lambda model, out_dir, tokenizer=None: calls.append((model, out_dir, tokenizer))  # type: ignore[attr-defined]
+    fake.export_hf = lambda model, out_dir, tokenizer=None: calls.append(
+        (model, out_dir, tokenizer)
+    )  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "ettin.interop", fake)
     inner = nn.Linear(2, 2)
     state = SimpleNamespace(model=SimpleNamespace(model=inner), fsdp_enabled=False)
@@ -204,10 +238,14 @@ def test_callbacks_in_a_composer_run() -> None:
 
     gen = torch.Generator().manual_seed(0)
     batches = [
-        {"input_ids": torch.randint(0, 16, (2, 6), generator=gen), "attention_mask": MASK.clone()} for _ in range(4)
+        {"input_ids": torch.randint(0, 16, (2, 6), generator=gen), "attention_mask": MASK.clone()}
+        for _ in range(4)
     ]
     model = Toy()
-    norm, rest = list(model.model[1].parameters()), [model.model[0].weight, *model.model[2].parameters()]
+    norm, rest = (
+        list(model.model[1].parameters()),
+        [model.model[0].weight, *model.model[2].parameters()],
+    )
     opt = torch.optim.AdamW([{"params": norm}, {"params": rest}], lr=1e-2)
     memory = InMemoryLogger()
     trainer = Trainer(
@@ -229,7 +267,12 @@ def test_callbacks_in_a_composer_run() -> None:
     assert "grad_norm/group1" in data
     assert [v for _, v in data["trainer/packing_efficiency"]] == pytest.approx([0.75, 0.75])
     assert "throughput/device/mfu" not in data  # no peak on CPU
-    (_, tokens), (_, samples) = data["throughput/tokens_per_sec"][0], data["throughput/samples_per_sec"][0]
+    (_, tokens), (_, samples) = (
+        data["throughput/tokens_per_sec"][0],
+        data["throughput/samples_per_sec"][0],
+    )
     assert tokens / samples == pytest.approx(9 / 3)  # the whole device batch, not one microbatch
     lrs = [v for _, v in data["lr-AdamW/group0"]]
-    assert lrs == pytest.approx([0.0, 0.5e-2, 1e-2, 0.75e-2])  # warm-up 2 batches, linear decay to 0.5
+    assert lrs == pytest.approx(
+        [0.0, 0.5e-2, 1e-2, 0.75e-2]
+    )  # warm-up 2 batches, linear decay to 0.5

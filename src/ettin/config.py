@@ -142,6 +142,8 @@ class LoggingConfig:
     """How often the console logger prints."""
     file: bool = True
     """Write metrics as JSON lines to <run_dir>/metrics.jsonl."""
+    progress_bar: bool = False
+    """Show a progress bar (Composer's) instead of periodic console lines."""
     wandb_project: str | None = None
     """Log to Weights & Biases under this project (requires `pip install wandb`)."""
     wandb_entity: str | None = None

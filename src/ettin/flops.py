@@ -42,7 +42,9 @@ def mean_keys(seq_len: int, before: int, after: int) -> float:
 
 def _field(args: Any, name: str) -> Any:
     if not hasattr(args, name):
-        raise TypeError(f"flops_per_token needs model args with a '{name}' field (got {type(args).__name__})")
+        raise TypeError(
+            f"flops_per_token needs model args with a '{name}' field (got {type(args).__name__})"
+        )
     return getattr(args, name)
 
 
@@ -74,7 +76,9 @@ def flops_per_token(
         raise ValueError(f"mlm_probability={mlm_probability} must be in [0, 1]")
 
     # Weight matmuls per layer: Wqkv (H -> 3H), attn Wo (H -> H), Wi (H -> 2I), mlp Wo (I -> H).
-    layer_weights = 2 * (3 * hidden * hidden + hidden * hidden + 2 * hidden * inter + inter * hidden)
+    layer_weights = 2 * (
+        3 * hidden * hidden + hidden * hidden + 2 * hidden * inter + inter * hidden
+    )
     # Head dense (H -> H) and the tied vocabulary projection (H -> V), on scored positions only.
     head = 2 * (hidden * hidden + hidden * vocab) * mlm_probability
 

@@ -57,7 +57,9 @@ def _loggers(cfg: RunConfig, run_dir: Path) -> list:
 
     from ettin.callbacks.metrics_file import JSONLLogger
 
-    loggers: list = [ConsoleLogger(log_interval=cfg.logging.console_interval, log_traces=False)]
+    loggers: list = []
+    if not cfg.logging.progress_bar:
+        loggers.append(ConsoleLogger(log_interval=cfg.logging.console_interval, log_traces=False))
     if cfg.logging.file:
         loggers.append(JSONLLogger(run_dir / "metrics.jsonl"))
     if cfg.logging.wandb_project:
@@ -202,7 +204,7 @@ def build_trainer(cfg: RunConfig):
         save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
         save_overwrite=False,
         autoresume=cfg.autoresume,
-        progress_bar=False,
+        progress_bar=cfg.logging.progress_bar,
         log_to_console=False,
         python_log_level=None,
         spin_dataloaders=False,

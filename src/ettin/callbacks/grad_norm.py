@@ -14,7 +14,9 @@ from composer.loggers import Logger
 from composer.utils import dist
 
 
-def group_grad_norms(param_groups: list[dict], *, sharded: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def group_grad_norms(
+    param_groups: list[dict], *, sharded: bool = False
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(total L2 norm, [L2 norm of each group]) of the gradients in `param_groups`.
 
     Parameters without a gradient count as zero. With `sharded=True` (FSDP full sharding, each

@@ -19,7 +19,9 @@ def ettin_model(state: State) -> nn.Module:
         model = model.module
     inner = getattr(model, "model", None)
     if inner is None:
-        raise AttributeError(f"{type(model).__name__} has no `.model` (the wrapped EttinModel) to export")
+        raise AttributeError(
+            f"{type(model).__name__} has no `.model` (the wrapped EttinModel) to export"
+        )
     return inner
 
 

@@ -26,4 +26,6 @@ class PackingEfficiency(Callback):
     def after_dataloader(self, state: State, logger: Logger) -> None:
         if self.interval == 0 or int(state.timestamp.batch) % self.interval != 0:
             return
-        logger.log_metrics({"trainer/packing_efficiency": packing_efficiency(state.batch["attention_mask"])})
+        logger.log_metrics(
+            {"trainer/packing_efficiency": packing_efficiency(state.batch["attention_mask"])}
+        )

@@ -8,8 +8,8 @@ its own length (attention cost grows with it; packed rows hold several sequences
 
 from __future__ import annotations
 
-from time import perf_counter
 from collections.abc import Callable
+from time import perf_counter
 
 import torch
 from composer.core import Callback, State
@@ -81,7 +81,9 @@ class Throughput(Callback):
         now = perf_counter()
         mask = state.batch["attention_mask"] if isinstance(state.batch, dict) else None
         if mask is None:
-            raise KeyError("Throughput needs batches with an 'attention_mask' (see docs/CONTRACTS.md)")
+            raise KeyError(
+                "Throughput needs batches with an 'attention_mask' (see docs/CONTRACTS.md)"
+            )
         if self._start is None:  # first batch: start the clock after it
             self._start, self._batches, self._totals = now, 0, None
             return

@@ -28,7 +28,9 @@ DecayShape = Literal["linear", "1-sqrt"]
 def _parse(value: str | Time, name: str) -> Time:
     time = Time.from_timestring(value) if isinstance(value, str) else value
     if time.unit in (TimeUnit.SECOND, TimeUnit.ITERATION):
-        raise ValueError(f"scheduler.{name}={value!r}: use tok, ba, sp, ep or dur, not {time.unit.value}")
+        raise ValueError(
+            f"scheduler.{name}={value!r}: use tok, ba, sp, ep or dur, not {time.unit.value}"
+        )
     if time.value < 0:
         raise ValueError(f"scheduler.{name}={value!r} must not be negative")
     if time.unit == TimeUnit.DURATION and time.value > 1:
@@ -72,7 +74,9 @@ class WarmupStableDecay:
     def __call__(self, state: Any, ssr: float = 1.0) -> float:
         max_duration = state.max_duration
         if max_duration is None:
-            raise RuntimeError("WarmupStableDecay needs state.max_duration (set max_duration on the Trainer)")
+            raise RuntimeError(
+                "WarmupStableDecay needs state.max_duration (set max_duration on the Trainer)"
+            )
         if max_duration.unit == TimeUnit.DURATION:
             raise ValueError("max_duration must be in tok, ba, sp or ep, not dur")
 

@@ -1,0 +1,253 @@
+"""Hugging Face conversion: fp32 parity with ModernBertForMaskedLM / ModernBertDecoderForCausalLM."""
+
+import json
+import logging
+import warnings
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoTokenizer,
+    ModernBertConfig,
+    ModernBertDecoderConfig,
+    ModernBertDecoderForCausalLM,
+    ModernBertForMaskedLM,
+    PreTrainedTokenizerFast,
+)
+
+from ettin.interop import (
+    check_tokenizer,
+    export_hf,
+    from_hf_state_dict,
+    import_hf,
+    to_hf_state_dict,
+)
+from ettin.model import EttinModel, model_args
+
+VOCAB = 256
+LOCAL = 16  # small window so that sequences below exceed it
+LENGTHS = [40, 25, 9, 33]
+
+
+def tiny_model(causal: bool, **overrides) -> EttinModel:
+    """4 layers (0 and 3 global), weights spread so attention is peaky and every norm matters."""
+    torch.manual_seed(0)
+    theta = dict(global_rope_theta=160000.0, local_rope_theta=160000.0 if causal else 10000.0)
+    args = model_args("test", vocab_size=VOCAB, local_attention=LOCAL, pad_token_id=0, causal=causal, **theta)
+    model = EttinModel(model_args("test", **{**args.to_dict(), **overrides})).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if p.ndim == 1 else 0.15 * torch.randn_like(p))
+    return model
+
+
+def padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    S = max(LENGTHS)
+    mask = (torch.arange(S)[None, :] < torch.tensor(LENGTHS)[:, None]).long()
+    return torch.randint(1, VOCAB, (len(LENGTHS), S), generator=g) * mask, mask
+
+
+def word_tokenizer(num_words: int = 20) -> PreTrainedTokenizerFast:
+    """A tiny in-memory word-level tokenizer with BERT-style special tokens ([PAD] = 0)."""
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {tok: i for i, tok in enumerate(specials + [f"w{i}" for i in range(num_words)])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+        sep_token="[SEP]", mask_token="[MASK]",
+    )  # fmt: skip
+
+
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory) -> dict[bool, tuple[EttinModel, object]]:
+    """causal -> (model, export directory), exported once per module with a tokenizer."""
+    out = {}
+    for causal in (False, True):
+        model = tiny_model(causal)
+        out[causal] = model, export_hf(model, tmp_path_factory.mktemp("hf"), tokenizer=word_tokenizer())
+    return out
+
+
+def load_hf(path, causal: bool, attn: str = "sdpa"):
+    """Load an export with transformers' Auto classes; returns (model, loading info, warnings)."""
+    handler = Records()
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if causal:
+                hf, info = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, output_loading_info=True)
+            else:
+                hf, info = AutoModelForMaskedLM.from_pretrained(
+                    path, attn_implementation=attn, reference_compile=False, output_loading_info=True
+                )
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    messages = [r.getMessage() for r in handler.records] + [str(w.message) for w in caught]
+    return hf.eval(), info, messages
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["encoder", "decoder"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_fp32_parity_with_hf(exports, causal, attn):
+    model, path = exports[causal]
+    hf, _, _ = load_hf(path, causal, attn)
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        ours = model.padded_logits(ids, mask)
+        theirs = hf(input_ids=ids, attention_mask=mask, **({"use_cache": False} if causal else {})).logits
+    real = mask.bool()
+    diff = (ours - theirs)[real].abs().max().item()
+    print(f"{'decoder' if causal else 'encoder'} {attn}: max |diff| = {diff:.3g} (logit scale {ours[real].abs().max():.3g})")
+    assert ours[real].abs().max() > 1.0  # the comparison is not between near-zero logits
+    assert diff <= 1e-4
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["encoder", "decoder"])
+def test_export_loads_cleanly_and_keeps_config(exports, causal):
+    model, path = exports[causal]
+    hf, info, messages = load_hf(path, causal)
+    assert info["missing_keys"] == [] and info["unexpected_keys"] == [] and info["mismatched_keys"] == []
+    assert messages == []
+    expected_cls = ModernBertDecoderForCausalLM if causal else ModernBertForMaskedLM
+    assert type(hf) is expected_cls
+    assert hf.decoder.weight is hf.model.embeddings.tok_embeddings.weight
+    config = json.loads((path / "config.json").read_text())
+    assert config["model_type"] == ("modernbert-decoder" if causal else "modernbert")
+    assert config["local_attention"] == LOCAL and config["hidden_size"] == 64
+    assert (config["pad_token_id"], config["cls_token_id"], config["sep_token_id"]) == (0, 2, 3)
+    assert (config["bos_token_id"], config["eos_token_id"]) == (2, 3)
+    if causal:
+        assert config["layer_types"] == ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]
+        assert hf.config.sliding_window == LOCAL // 2  # the reload bug is defused
+    else:
+        assert (config["global_rope_theta"], config["local_rope_theta"]) == (160000.0, 10000.0)
+    assert AutoTokenizer.from_pretrained(path).pad_token_id == 0
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["encoder", "decoder"])
+def test_export_import_round_trip_is_exact(exports, causal):
+    model, path = exports[causal]
+    imported, tokenizer = import_hf(path, local_files_only=True)
+    assert imported.args == model.args
+    ours, theirs = model.state_dict(), imported.state_dict()
+    assert list(ours) == list(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert imported.decoder.weight is imported.model.embeddings.tok_embeddings.weight
+    assert tokenizer is not None and tokenizer.mask_token_id == 4
+
+
+def test_decoder_greedy_generate_matches_our_loop(exports):
+    model, path = exports[True]
+    hf, _, _ = load_hf(path, causal=True)
+    prompt = padded_batch()[0][:1, :10]
+    with torch.no_grad():
+        theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20,
+                             do_sample=False, eos_token_id=None, pad_token_id=0)  # fmt: skip
+        ids = prompt
+        for _ in range(20):  # 30 tokens in all: well past the 16-token window
+            next_id = model.padded_logits(ids, torch.ones_like(ids))[0, -1].argmax()
+            ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
+    assert theirs.shape == (1, 30)
+    assert theirs.tolist() == ids.tolist()
+
+
+def test_decoder_import_derives_window_when_local_attention_missing(tmp_path):
+    model = tiny_model(causal=True)
+    export_hf(model, tmp_path)
+    config_path = tmp_path / "config.json"
+    config = json.loads(config_path.read_text())
+    del config["local_attention"]  # what HF's own save_pretrained writes
+    config_path.write_text(json.dumps(config))
+    imported, tokenizer = import_hf(tmp_path, local_files_only=True)
+    assert imported.args.local_attention == LOCAL and tokenizer is None
+
+
+def test_decoder_state_dict_splits_qkv_and_renames_head():
+    model = tiny_model(causal=True)
+    hf_state = to_hf_state_dict(model)
+    wqkv = model.model.layers[1].attn.Wqkv.weight
+    q, k, v = (hf_state[f"model.layers.1.attn.{p}_proj.weight"] for p in "qkv")
+    assert torch.equal(torch.cat([q, k, v]), wqkv)
+    assert "lm_head.dense.weight" in hf_state and not any(k.startswith("head.") for k in hf_state)
+    assert not any("Wqkv" in k for k in hf_state)
+
+
+def test_state_dict_from_another_size_names_the_first_mismatch():
+    small = tiny_model(causal=False)
+    other = model_args("test", vocab_size=VOCAB, hidden_size=128, num_heads=2)
+    with pytest.raises(ValueError) as err:
+        from_hf_state_dict(to_hf_state_dict(small), other)
+    message = str(err.value)
+    assert "model.embeddings.tok_embeddings.weight" in message
+    assert "expected shape (256, 128), found (256, 64)" in message
+
+
+def test_state_dict_with_extra_tensors_is_refused():
+    model = tiny_model(causal=False)
+    state = {**to_hf_state_dict(model), "model.layers.0.attn_norm.weight": torch.ones(64)}
+    with pytest.raises(ValueError, match=r"unexpected \['model.layers.0.attn_norm.weight'\]"):
+        from_hf_state_dict(state, model.args)
+
+
+def test_decoder_export_refuses_local_theta_mismatch(tmp_path):
+    model = tiny_model(causal=True, local_rope_theta=10000.0)
+    with pytest.raises(ValueError, match=r"local_rope_theta=10000.0 but global_rope_theta=160000.0"):
+        export_hf(model, tmp_path / "refused")
+    with pytest.warns(UserWarning, match="applies the global theta"):
+        export_hf(model, tmp_path / "forced", allow_rope_mismatch=True)
+    assert json.loads((tmp_path / "forced" / "config.json").read_text())["local_rope_theta"] == 10000.0
+
+
+def test_check_tokenizer_refuses_mismatches():
+    tokenizer = word_tokenizer()  # 25 tokens, [PAD] = 0
+    check_tokenizer(tokenizer, model_args("test", vocab_size=32, pad_token_id=0))
+    with pytest.raises(ValueError, match="tokenizer has 25 tokens but the model's vocab_size is 16"):
+        check_tokenizer(tokenizer, model_args("test", vocab_size=16, pad_token_id=0))
+    with pytest.raises(ValueError, match="tokenizer pad id 0 differs from the model's pad_token_id 7"):
+        check_tokenizer(tokenizer, model_args("test", vocab_size=32, pad_token_id=7))
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_hf_window_rules(attn):
+    """The evidence for our window choice: which keys a local-layer query sees in HF 4.57.6."""
+    torch.manual_seed(0)
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_attention_heads=2, local_attention=8)
+    decoder = ModernBertDecoderForCausalLM(
+        ModernBertDecoderConfig(**common, num_hidden_layers=1, layer_types=["sliding_attention"], pad_token_id=0)
+    )
+    encoder = ModernBertForMaskedLM(
+        ModernBertConfig(**common, num_hidden_layers=2, global_attn_every_n_layers=2, pad_token_id=0, reference_compile=False)
+    )
+    encoder.model.layers = encoder.model.layers[1:]  # keep only the local layer
+    ids = torch.randint(3, 64, (1, 16), generator=torch.Generator().manual_seed(0))
+    query = 8
+
+    def keys_seen(model, **kw):
+        model.eval().config._attn_implementation = attn
+        with torch.no_grad():
+            base = model(ids, **kw).logits[0, query]
+            seen = []
+            for j in range(16):
+                changed = ids.clone()
+                changed[0, j] = (changed[0, j] + 7) % 61 + 3
+                if (model(changed, **kw).logits[0, query] - base).abs().max() > 1e-6:
+                    seen.append(j)
+        return seen
+
+    assert keys_seen(encoder) == list(range(query - 4, query + 5))  # |i - j| <= 8 // 2: 9 keys
+    assert keys_seen(decoder, use_cache=False) == list(range(query - 3, query + 1))  # 4 keys incl. self
