@@ -64,7 +64,7 @@ def test_stableadamw_matches_reference(
     (weight, bias), grads = _toy_tensors()
     max_lr, wd, betas, eps = 1e-2, 0.1, (0.9, 0.98), 1e-6
     lrs = [max_lr, 0.5 * max_lr, 0.25 * max_lr][:steps]  # scheduled below the peak after step 1
-    w, b = nn.Parameter(weight.to(dtype)), nn.Parameter(bias.to(dtype))
+    w, b = nn.Parameter(weight.to(dtype, copy=True)), nn.Parameter(bias.to(dtype, copy=True))
     groups = [{"params": [b], "weight_decay": 0.0}, {"params": [w], "weight_decay": wd}]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # optimi 0.3: foreach deprecated; wd 0.1 "potentially high"
@@ -81,7 +81,8 @@ def test_stableadamw_matches_reference(
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lrs[step]
-        w.grad, b.grad = grads[step][0].to(dtype), grads[step][1].to(dtype)
+        # Copies: optimi's foreach path reuses the gradients as scratch space.
+        w.grad, b.grad = (g.to(dtype, copy=True) for g in grads[step])
         opt.step()
 
     (ref_w, ref_b), ratios = reference_stableadamw(

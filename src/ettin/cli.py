@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 # Rooms that add their own subcommands, in the order `ettin --help` lists them.
-ROOM_COMMANDS = ("ettin.prep.cli", "ettin.data.cli", "ettin.recipe", "ettin.eval.cli")
+ROOM_COMMANDS = ("ettin.prep.cli", "ettin.data.cli", "ettin.recipe", "ettin.eval.cli", "ettin.demo")
 
 
 def cmd_sizes(args: argparse.Namespace) -> None:
