@@ -35,9 +35,15 @@ LENGTHS = [40, 25, 9, 33]
 def tiny_model(causal: bool, **overrides) -> EttinModel:
     """4 layers (0 and 3 global), weights spread so attention is peaky and every norm matters."""
     torch.manual_seed(0)
-    theta = dict(global_rope_theta=160000.0, local_rope_theta=160000.0 if causal else 10000.0)
-    args = model_args("test", vocab_size=VOCAB, local_attention=LOCAL, pad_token_id=0, causal=causal, **theta)
-    model = EttinModel(model_args("test", **{**args.to_dict(), **overrides})).eval()
+    settings = dict(
+        vocab_size=VOCAB,
+        local_attention=LOCAL,
+        pad_token_id=0,
+        causal=causal,
+        global_rope_theta=160000.0,
+        local_rope_theta=160000.0 if causal else 10000.0,  # encoders exercise per-layer theta
+    )
+    model = EttinModel(model_args("test", **{**settings, **overrides})).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(1 + 0.1 * torch.randn_like(p) if p.ndim == 1 else 0.15 * torch.randn_like(p))
@@ -57,10 +63,8 @@ def word_tokenizer(num_words: int = 20) -> PreTrainedTokenizerFast:
     vocab = {tok: i for i, tok in enumerate(specials + [f"w{i}" for i in range(num_words)])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-        sep_token="[SEP]", mask_token="[MASK]",
-    )  # fmt: skip
+    names = dict(pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, mask_token="[MASK]", **names)
 
 
 class Records(logging.Handler):
@@ -78,7 +82,10 @@ def exports(tmp_path_factory) -> dict[bool, tuple[EttinModel, object]]:
     out = {}
     for causal in (False, True):
         model = tiny_model(causal)
-        out[causal] = model, export_hf(model, tmp_path_factory.mktemp("hf"), tokenizer=word_tokenizer())
+        out[causal] = (
+            model,
+            export_hf(model, tmp_path_factory.mktemp("hf"), tokenizer=word_tokenizer()),
+        )
     return out
 
 
@@ -90,10 +97,15 @@ def load_hf(path, causal: bool, attn: str = "sdpa"):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             if causal:
-                hf, info = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, output_loading_info=True)
+                hf, info = AutoModelForCausalLM.from_pretrained(
+                    path, attn_implementation=attn, output_loading_info=True
+                )
             else:
                 hf, info = AutoModelForMaskedLM.from_pretrained(
-                    path, attn_implementation=attn, reference_compile=False, output_loading_info=True
+                    path,
+                    attn_implementation=attn,
+                    reference_compile=False,
+                    output_loading_info=True,
                 )
     finally:
         logging.getLogger("transformers").removeHandler(handler)
@@ -109,10 +121,14 @@ def test_fp32_parity_with_hf(exports, causal, attn):
     ids, mask = padded_batch()
     with torch.no_grad():
         ours = model.padded_logits(ids, mask)
-        theirs = hf(input_ids=ids, attention_mask=mask, **({"use_cache": False} if causal else {})).logits
+        theirs = hf(
+            input_ids=ids, attention_mask=mask, **({"use_cache": False} if causal else {})
+        ).logits
     real = mask.bool()
     diff = (ours - theirs)[real].abs().max().item()
-    print(f"{'decoder' if causal else 'encoder'} {attn}: max |diff| = {diff:.3g} (logit scale {ours[real].abs().max():.3g})")
+    print(
+        f"{'decoder' if causal else 'encoder'} {attn}: max |diff| = {diff:.3g} (logit scale {ours[real].abs().max():.3g})"
+    )
     assert ours[real].abs().max() > 1.0  # the comparison is not between near-zero logits
     assert diff <= 1e-4
 
@@ -121,7 +137,11 @@ def test_fp32_parity_with_hf(exports, causal, attn):
 def test_export_loads_cleanly_and_keeps_config(exports, causal):
     model, path = exports[causal]
     hf, info, messages = load_hf(path, causal)
-    assert info["missing_keys"] == [] and info["unexpected_keys"] == [] and info["mismatched_keys"] == []
+    assert (
+        info["missing_keys"] == []
+        and info["unexpected_keys"] == []
+        and info["mismatched_keys"] == []
+    )
     assert messages == []
     expected_cls = ModernBertDecoderForCausalLM if causal else ModernBertForMaskedLM
     assert type(hf) is expected_cls
@@ -132,7 +152,12 @@ def test_export_loads_cleanly_and_keeps_config(exports, causal):
     assert (config["pad_token_id"], config["cls_token_id"], config["sep_token_id"]) == (0, 2, 3)
     assert (config["bos_token_id"], config["eos_token_id"]) == (2, 3)
     if causal:
-        assert config["layer_types"] == ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]
+        assert config["layer_types"] == [
+            "full_attention",
+            "sliding_attention",
+            "sliding_attention",
+            "full_attention",
+        ]
         assert hf.config.sliding_window == LOCAL // 2  # the reload bug is defused
     else:
         assert (config["global_rope_theta"], config["local_rope_theta"]) == (160000.0, 10000.0)
@@ -156,8 +181,14 @@ def test_decoder_greedy_generate_matches_our_loop(exports):
     hf, _, _ = load_hf(path, causal=True)
     prompt = padded_batch()[0][:1, :10]
     with torch.no_grad():
-        theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20,
-                             do_sample=False, eos_token_id=None, pad_token_id=0)  # fmt: skip
+        theirs = hf.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=20,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
         ids = prompt
         for _ in range(20):  # 30 tokens in all: well past the 16-token window
             next_id = model.padded_logits(ids, torch.ones_like(ids))[0, -1].argmax()
@@ -206,19 +237,27 @@ def test_state_dict_with_extra_tensors_is_refused():
 
 def test_decoder_export_refuses_local_theta_mismatch(tmp_path):
     model = tiny_model(causal=True, local_rope_theta=10000.0)
-    with pytest.raises(ValueError, match=r"local_rope_theta=10000.0 but global_rope_theta=160000.0"):
+    with pytest.raises(
+        ValueError, match=r"local_rope_theta=10000.0 but global_rope_theta=160000.0"
+    ):
         export_hf(model, tmp_path / "refused")
     with pytest.warns(UserWarning, match="applies the global theta"):
         export_hf(model, tmp_path / "forced", allow_rope_mismatch=True)
-    assert json.loads((tmp_path / "forced" / "config.json").read_text())["local_rope_theta"] == 10000.0
+    assert (
+        json.loads((tmp_path / "forced" / "config.json").read_text())["local_rope_theta"] == 10000.0
+    )
 
 
 def test_check_tokenizer_refuses_mismatches():
     tokenizer = word_tokenizer()  # 25 tokens, [PAD] = 0
     check_tokenizer(tokenizer, model_args("test", vocab_size=32, pad_token_id=0))
-    with pytest.raises(ValueError, match="tokenizer has 25 tokens but the model's vocab_size is 16"):
+    with pytest.raises(
+        ValueError, match="tokenizer has 25 tokens but the model's vocab_size is 16"
+    ):
         check_tokenizer(tokenizer, model_args("test", vocab_size=16, pad_token_id=0))
-    with pytest.raises(ValueError, match="tokenizer pad id 0 differs from the model's pad_token_id 7"):
+    with pytest.raises(
+        ValueError, match="tokenizer pad id 0 differs from the model's pad_token_id 7"
+    ):
         check_tokenizer(tokenizer, model_args("test", vocab_size=32, pad_token_id=7))
 
 
@@ -226,12 +265,26 @@ def test_check_tokenizer_refuses_mismatches():
 def test_hf_window_rules(attn):
     """The evidence for our window choice: which keys a local-layer query sees in HF 4.57.6."""
     torch.manual_seed(0)
-    common = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_attention_heads=2, local_attention=8)
+    common = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_attention_heads=2,
+        local_attention=8,
+    )
     decoder = ModernBertDecoderForCausalLM(
-        ModernBertDecoderConfig(**common, num_hidden_layers=1, layer_types=["sliding_attention"], pad_token_id=0)
+        ModernBertDecoderConfig(
+            **common, num_hidden_layers=1, layer_types=["sliding_attention"], pad_token_id=0
+        )
     )
     encoder = ModernBertForMaskedLM(
-        ModernBertConfig(**common, num_hidden_layers=2, global_attn_every_n_layers=2, pad_token_id=0, reference_compile=False)
+        ModernBertConfig(
+            **common,
+            num_hidden_layers=2,
+            global_attn_every_n_layers=2,
+            pad_token_id=0,
+            reference_compile=False,
+        )
     )
     encoder.model.layers = encoder.model.layers[1:]  # keep only the local layer
     ids = torch.randint(3, 64, (1, 16), generator=torch.Generator().manual_seed(0))
@@ -250,4 +303,6 @@ def test_hf_window_rules(attn):
         return seen
 
     assert keys_seen(encoder) == list(range(query - 4, query + 5))  # |i - j| <= 8 // 2: 9 keys
-    assert keys_seen(decoder, use_cache=False) == list(range(query - 3, query + 1))  # 4 keys incl. self
+    assert keys_seen(decoder, use_cache=False) == list(
+        range(query - 3, query + 1)
+    )  # 4 keys incl. self

@@ -6,7 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ettin.model import SIZES, EttinModel, ModelArgs, model_args, next_token_positions, parameter_count, unpad
+from ettin.model import (
+    SIZES,
+    EttinModel,
+    ModelArgs,
+    attention,
+    model_args,
+    next_token_positions,
+    parameter_count,
+    unpad,
+)
 
 VOCAB = 256
 
@@ -17,7 +26,7 @@ def tiny(causal: bool = False, **overrides) -> EttinModel:
     args = model_args("test", vocab_size=VOCAB, pad_token_id=0, causal=causal, **overrides)
     model = EttinModel(args).eval()
     with torch.no_grad():  # init std 0.02 gives near-uniform attention; make it peaky
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             p.copy_(1 + 0.1 * torch.randn_like(p) if p.ndim == 1 else 0.15 * torch.randn_like(p))
     return model
 
@@ -65,7 +74,10 @@ def test_presets_have_global_first_and_last_layers():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(hidden_size=100, num_heads=3), r"hidden_size \(100\) must be a multiple of num_heads \(3\)"),
+        (
+            dict(hidden_size=100, num_heads=3),
+            r"hidden_size \(100\) must be a multiple of num_heads \(3\)",
+        ),
         (dict(local_attention=15), r"local_attention \(15\) must be even"),
         (dict(num_layers=0), r"num_layers must be positive"),
         (dict(pad_token_id=1000), r"pad_token_id \(1000\) must be in \[0, vocab_size=256\)"),
@@ -78,7 +90,9 @@ def test_model_args_validation(kwargs, message):
 
 
 def test_unknown_size_lists_valid_sizes():
-    with pytest.raises(ValueError, match="unknown model size '2b'; valid sizes: 17m, 32m, 68m, 150m, 400m, 1b"):
+    with pytest.raises(
+        ValueError, match="unknown model size '2b'; valid sizes: 17m, 32m, 68m, 150m, 400m, 1b"
+    ):
         model_args("2b")
 
 
@@ -101,7 +115,10 @@ def test_decoder_weight_is_the_token_embedding():
     model = EttinModel(model_args("test", vocab_size=VOCAB))
     assert model.decoder.weight is model.model.embeddings.tok_embeddings.weight
     state = model.state_dict()
-    assert state["decoder.weight"].data_ptr() == state["model.embeddings.tok_embeddings.weight"].data_ptr()
+    assert (
+        state["decoder.weight"].data_ptr()
+        == state["model.embeddings.tok_embeddings.weight"].data_ptr()
+    )
 
 
 def test_init_std_per_group_and_truncation():
@@ -126,7 +143,9 @@ def test_init_std_per_group_and_truncation():
         assert w.abs().max().item() >= 1.95 * sigma, suffix
     assert torch.count_nonzero(model.decoder.bias) == 0
     norms = [t for name, t in state.items() if "norm" in name]
-    assert len(norms) == 2 + 7 * 2 - 1 + 1  # embedding, final, per-layer (no layer-0 attn_norm), head
+    assert (
+        len(norms) == 2 + 7 * 2 - 1 + 1
+    )  # embedding, final, per-layer (no layer-0 attn_norm), head
     assert all(torch.equal(t, torch.ones_like(t)) for t in norms)
 
 
@@ -134,7 +153,9 @@ def test_padding_idx_is_the_pad_id_and_gets_no_gradient():
     model = EttinModel(model_args("test", vocab_size=VOCAB, pad_token_id=3))
     embedding = model.model.embeddings.tok_embeddings
     assert embedding.padding_idx == 3
-    embedding(torch.tensor([5, 3, 7])).sum().backward()  # the lookup alone (the tied head is separate)
+    embedding(
+        torch.tensor([5, 3, 7])
+    ).sum().backward()  # the lookup alone (the tied head is separate)
     assert embedding.weight.grad[3].abs().sum() == 0 and embedding.weight.grad[5].abs().sum() > 0
 
 
@@ -159,7 +180,9 @@ def test_causality(causal):
 
 def one_local_layer(causal: bool, local_attention: int) -> EttinModel:
     """A single local-attention block: build layers [global, local] and keep only the local one."""
-    model = tiny(causal, num_layers=2, global_attn_every_n_layers=2, local_attention=local_attention)
+    model = tiny(
+        causal, num_layers=2, global_attn_every_n_layers=2, local_attention=local_attention
+    )
     model.model.layers = model.model.layers[1:]
     return model
 
@@ -227,6 +250,42 @@ def test_padded_unpadded_and_packed_agree(causal):
     torch.testing.assert_close(rows[0, 12:19], alone[1], atol=1e-5, rtol=0)
     torch.testing.assert_close(rows[1], alone[2], atol=1e-5, rtol=0)
     assert padded[1, 7:].abs().max() == 0  # padding is zero-filled
+
+
+def fake_flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=False, window_size=(-1, -1)):
+    """flash_attn_varlen_func's documented semantics, naively in fp32: per cu_seqlens segment,
+    query i sees keys i - window_size[0] <= j <= i + window_size[1] (-1 = unlimited), j <= i if causal."""
+    out = torch.empty(q.shape, dtype=torch.float32)
+    left, right = window_size
+    for start, end in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        i = torch.arange(end - start)[:, None]
+        j = torch.arange(end - start)[None, :]
+        ok = (
+            ((left < 0) | (j >= i - left))
+            & ((right < 0) | (j <= i + right))
+            & ((j <= i) | (not causal))
+        )
+        scores = torch.einsum("ihd,jhd->hij", q[start:end].float(), k[start:end].float())
+        scores = (scores / q.shape[-1] ** 0.5).masked_fill(~ok, float("-inf"))
+        out[start:end] = torch.einsum("hij,jhd->ihd", scores.softmax(-1), v[start:end].float())
+    return out
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("local", [False, True])
+def test_flash_call_agrees_with_torch_backend(monkeypatch, causal, local):
+    """Our flash arguments (cu_seqlens, window_size, causal) mean what the torch mask means."""
+    monkeypatch.setattr(attention, "flash_attn_varlen_func", fake_flash_varlen)
+    args = model_args("test", causal=causal, local_attention=8)
+    window = args.local_window if local else attention.GLOBAL_WINDOW
+    mask = torch.tensor([[1] * 11 + [2] * 6 + [0] * 3, [1] * 20, [1] * 5 + [0] * 15])
+    batch = unpad(torch.zeros_like(mask), mask)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (3 * torch.randn(batch.num_tokens, 4, 16, generator=g) for _ in range(3))
+    q, k, v = (t.bfloat16().float() for t in (q, k, v))  # exact through the kernel's bf16 cast
+    expected = attention.torch_attention(q, k, v, batch, window, causal)
+    got = attention.flash_attention(q, k, v, batch, window, causal)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 # --- losses ------------------------------------------------------------------------------------

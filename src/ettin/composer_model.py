@@ -15,11 +15,10 @@ from ettin.model import EttinModel
 class EttinComposerModel(ComposerModel):
     """Wraps `EttinModel`; the objective only decides which metrics are reported."""
 
-    def __init__(self, model: EttinModel, flops_per_batch=None) -> None:
+    def __init__(self, model: EttinModel) -> None:
         super().__init__()
         self.model = model
         self.objective = "clm" if model.args.causal else "mlm"
-        self._flops_per_batch = flops_per_batch
         self.eval_metrics = self._metrics()
 
     def _metrics(self) -> dict[str, Metric]:
@@ -46,9 +45,3 @@ class EttinComposerModel(ComposerModel):
             metric.update(logits.argmax(-1), targets)
         else:
             metric.update(logits, targets)
-
-    def flops_per_batch(self, batch: dict[str, torch.Tensor]) -> float:
-        """Model FLOPs of one training batch (read by Composer's SpeedMonitor for MFU)."""
-        if self._flops_per_batch is None:
-            return 0.0
-        return float(self._flops_per_batch(batch))

@@ -66,7 +66,14 @@ def mlm_mask(
     rng = mask_rng(seed, epoch, sample_id)
     select_u, kind_u = rng.random(n), rng.random(n)
     pick = rng.integers(0, len(ordinary_ids), n)
-    selected = (select_u < p) & ~np.isin(ids, np.asarray(special_ids, np.int64))
+    specials = np.asarray(special_ids, np.int64)
+    if len(specials) <= 32:  # a few comparisons beat np.isin's sort for the usual handful
+        is_special = np.zeros(n, bool)
+        for s in specials.tolist():
+            is_special |= ids == s
+    else:
+        is_special = np.isin(ids, specials)
+    selected = (select_u < p) & ~is_special
     to_mask = selected & (kind_u < 0.8)
     to_random = selected & (kind_u >= 0.8) & (kind_u < 0.9)
     inputs = ids.copy()

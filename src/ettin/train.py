@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,7 @@ def build_trainer(cfg: RunConfig):
     from ettin.callbacks.data_order import DataOrderRecorder
     from ettin.composer_model import EttinComposerModel
     from ettin.data import build_dataloader
+    from ettin.flops import flops_per_token
     from ettin.optim import build_optimizer, build_scheduler
     from ettin.prep.tokenizer import default_tokenizer_dir, load_tokenizer, tokenizer_fingerprint
 
@@ -124,6 +126,7 @@ def build_trainer(cfg: RunConfig):
         world_size=world,
         seed=cfg.seed,
     )
+    composer_model = EttinComposerModel(model)
     evaluators = []
     if cfg.data.eval_split:
         eval_spec = build_dataloader(
@@ -141,28 +144,25 @@ def build_trainer(cfg: RunConfig):
             Evaluator(
                 label="val",
                 dataloader=eval_spec,
-                metric_names=list(EttinComposerModel(model).eval_metrics),
+                metric_names=list(composer_model.eval_metrics),
                 subset_num_batches=cfg.eval_subset_num_batches,
             )
         )
 
-    from ettin.flops import flops_per_token
-
-    def flops_per_batch(batch: dict[str, torch.Tensor]) -> float:
-        mask = batch["attention_mask"]
-        tokens = int((mask > 0).sum())
-        return tokens * flops_per_token(
-            model.args, mask.shape[1], causal=model.args.causal, mlm_probability=cfg.objective.mlm_probability
-        )
-
-    composer_model = EttinComposerModel(model, flops_per_batch=flops_per_batch)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(cfg.scheduler)
 
     callbacks: list = [
         run_info_callback(info),
         LRMonitor(),
-        Throughput(window_size=cfg.callbacks.speed_window),
+        Throughput(
+            window=cfg.callbacks.speed_window,
+            flops_per_token_fn=functools.partial(
+                flops_per_token,
+                model.args,
+                mlm_probability=cfg.objective.mlm_probability if cfg.objective.name == "mlm" else 1.0,
+            ),
+        ),
         PackingEfficiency(interval=cfg.callbacks.speed_window),
     ]
     if cfg.callbacks.grad_norm_interval > 0:

@@ -7,6 +7,7 @@ from ettin.callbacks.hf_export import HFExport
 from ettin.callbacks.packing import PackingEfficiency
 from ettin.callbacks.speed import Throughput
 
-# The data-order recorder lives in data_order.py (added beside these): `from .data_order import DataOrderRecorder`.
+# The data-order recorder (data_order.py, written separately) is exported here too:
+# from ettin.callbacks.data_order import DataOrderRecorder
 
 __all__ = ["GradNorm", "HFExport", "LRMonitor", "PackingEfficiency", "Throughput"]

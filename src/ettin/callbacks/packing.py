@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import torch
 from composer.core import Callback, State
 from composer.loggers import Logger
 
 
-def packing_efficiency(attention_mask) -> float:
+def packing_efficiency(attention_mask: torch.Tensor) -> float:
     """Real tokens / (rows x columns): 1.0 means no padding at all."""
     return (attention_mask > 0).sum().item() / attention_mask.numel()
 

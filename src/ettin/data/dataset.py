@@ -57,7 +57,9 @@ class SampleRules:
 
     def __post_init__(self) -> None:
         if self.max_seq_len < (3 if self.encoder else 2):
-            raise ValueError(f"max_seq_len={self.max_seq_len} is too small to hold BOS, a token and EOS")
+            raise ValueError(
+                f"max_seq_len={self.max_seq_len} is too small to hold BOS, a token and EOS"
+            )
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any, *, max_seq_len: int, encoder: bool) -> SampleRules:
@@ -129,7 +131,13 @@ def _fetch_remote(remote: str, split: str, local_cache: str | None) -> Path:
                 log.warning("could not download %s/%s: %s", remote, META, err)
         stream = Stream(remote=remote, local=str(root), split=split)
         stream.apply_default(
-            {"split": split, "download_retry": 2, "download_timeout": 600, "validate_hash": None, "keep_zip": False}
+            {
+                "split": split,
+                "download_retry": 2,
+                "download_timeout": 600,
+                "validate_hash": None,
+                "keep_zip": False,
+            }
         )
         try:
             shards = stream.get_shards(World.detect(), allow_unsafe_types=False)
@@ -149,12 +157,20 @@ def read_index(split_dir: Path) -> dict:
         )
     index_file = split_dir / INDEX
     if not index_file.exists():
-        raise DataError(f"{index_file} is missing: {split_dir} is not a finished MDS split; re-run `ettin prep`")
+        raise DataError(
+            f"{index_file} is missing: {split_dir} is not a finished MDS split; re-run `ettin prep`"
+        )
     try:
         obj = json.loads(index_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{index_file} is corrupted (not JSON: {err}); re-run `ettin prep` or re-download it") from err
-    if not isinstance(obj, dict) or obj.get("version") != 2 or not isinstance(obj.get("shards"), list):
+        raise DataError(
+            f"{index_file} is corrupted (not JSON: {err}); re-run `ettin prep` or re-download it"
+        ) from err
+    if (
+        not isinstance(obj, dict)
+        or obj.get("version") != 2
+        or not isinstance(obj.get("shards"), list)
+    ):
         raise DataError(
             f"{index_file} is not an MDS version-2 index (needs 'version': 2 and a 'shards' list); "
             f"re-run `ettin prep`"
@@ -162,10 +178,18 @@ def read_index(split_dir: Path) -> dict:
     for n, shard in enumerate(obj["shards"]):
         missing = [k for k in _SHARD_KEYS if not isinstance(shard, dict) or k not in shard]
         if missing:
-            raise DataError(f"{index_file}: shard #{n} lacks {', '.join(missing)}; re-run `ettin prep`")
+            raise DataError(
+                f"{index_file}: shard #{n} lacks {', '.join(missing)}; re-run `ettin prep`"
+            )
         if shard["format"] != "mds":
-            raise DataError(f"{index_file}: shard #{n} has format {shard['format']!r}; only MDS shards are read")
-        name = shard["raw_data"].get("basename", f"#{n}") if isinstance(shard["raw_data"], dict) else f"#{n}"
+            raise DataError(
+                f"{index_file}: shard #{n} has format {shard['format']!r}; only MDS shards are read"
+            )
+        name = (
+            shard["raw_data"].get("basename", f"#{n}")
+            if isinstance(shard["raw_data"], dict)
+            else f"#{n}"
+        )
         cols = dict(zip(shard["column_names"], shard["column_encodings"]))
         if INPUT_IDS not in cols:
             raise DataError(
@@ -288,33 +312,49 @@ class TokenDataset(Dataset):
         sizes = np.asarray([s.samples for s in self.shards], np.int64)
         self.num_samples = int(sizes.sum())
         if self.num_samples == 0:
-            raise DataError(f"split {split_dir} holds no samples; re-run `ettin prep` with more data")
+            raise DataError(
+                f"split {split_dir} holds no samples; re-run `ettin prep` with more data"
+            )
         self._spanner = Spanner(sizes)
         self._warned_truncation = False
 
     def __len__(self) -> int:
         return self.num_samples
 
+    def _locate(self, i: int) -> tuple[int, int]:
+        if not 0 <= i < self.num_samples:
+            raise IndexError(
+                f"sample {i} is outside {self.root / self.split} ({self.num_samples} samples)"
+            )
+        shard, row = self._spanner[i]
+        return int(shard), int(row)
+
     def locate(self, i: int) -> tuple[str, int]:
         """(shard file, row in shard) of global sample `i`."""
-        if not 0 <= i < self.num_samples:
-            raise IndexError(f"sample {i} is outside {self.root / self.split} ({self.num_samples} samples)")
-        shard, row = self._spanner[i]
-        return self.shard_names[shard], int(row)
+        shard, row = self._locate(i)
+        return self.shard_names[shard], row
+
+    def _where(self, i: int, shard: int, row: int) -> str:
+        return f"sample {i} (row {row} of shard {self.root / self.split / self.shard_names[shard]})"
+
+    def _read(self, i: int) -> tuple[np.ndarray, int, int]:
+        shard, row = self._locate(i)
+        try:
+            return self.shards[shard].get_item(row)[INPUT_IDS], shard, row
+        except Exception as err:
+            raise DataError(f"cannot read {self._where(i, shard, row)}: {err}") from err
 
     def raw(self, i: int) -> np.ndarray:
         """The stored input_ids of sample `i` (uint32), before the sample rules."""
-        name, row = self.locate(i)
-        shard = self.shards[self._spanner[i][0]]
-        try:
-            return shard.get_item(row)[INPUT_IDS]
-        except Exception as err:
-            raise DataError(f"cannot read sample {i} (row {row} of {self.root / self.split / name}): {err}") from err
+        return self._read(int(i))[0]
 
     def __getitem__(self, i: int) -> tuple[int, np.ndarray]:
         i = int(i)
-        raw = self.raw(i)
-        if not self._warned_truncation and len(raw) + (raw[:1] != self.rules.cls_id).sum() > self.rules.max_seq_len:
+        raw, shard, row = self._read(i)
+        if (
+            not self._warned_truncation
+            and len(raw) + int(raw[:1].tolist() != [self.rules.cls_id]) > self.rules.max_seq_len
+        ):
             self._warned_truncation = True
             log.warning(
                 "%s: sample %d has %d tokens, more than max_seq_len=%d; long samples are truncated "
@@ -324,5 +364,4 @@ class TokenDataset(Dataset):
                 len(raw),
                 self.rules.max_seq_len,
             )
-        name, row = self.locate(i)
-        return i, self.rules.apply(raw, where=f"sample {i} (row {row} of shard {self.root / self.split / name})")
+        return i, self.rules.apply(raw, where=self._where(i, shard, row))

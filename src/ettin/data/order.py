@@ -115,7 +115,9 @@ class BatchSchedule:
                 )
 
     @classmethod
-    def from_config(cls, global_batch_size: int, *, warmup_tokens: str | int, warmup_min: int, max_seq_len: int):
+    def from_config(
+        cls, global_batch_size: int, *, warmup_tokens: str | int, warmup_min: int, max_seq_len: int
+    ):
         """The schedule of `data.batch_size_warmup_*` for this global batch size."""
         tokens = parse_tokens(warmup_tokens)
         samples = math.ceil(tokens / max_seq_len) if tokens > 0 else 0
@@ -202,7 +204,9 @@ class Replay:
             )
         steps = np.asarray(table.column("step").to_numpy(), np.int64)
         ids = np.asarray(table.column("sample_id").to_numpy(), np.int64)
-        epochs = np.asarray(table.column("epoch").to_numpy(), np.int64) if "epoch" in names else None
+        epochs = (
+            np.asarray(table.column("epoch").to_numpy(), np.int64) if "epoch" in names else None
+        )
         if len(steps) == 0:
             raise DataError(f"{source}: the order file is empty")
         order = np.argsort(steps, kind="stable")  # keep file order inside a step
@@ -213,9 +217,13 @@ class Replay:
             gap = int(uniq[np.nonzero(np.diff(uniq) != 1)[0][0]]) + 1
             raise DataError(f"{source}: steps are not contiguous (step {gap} is missing)")
         if (ids < 0).any():
-            raise DataError(f"{source}: negative sample_id at step {int(steps[np.argmax(ids < 0)])}")
+            raise DataError(
+                f"{source}: negative sample_id at step {int(steps[np.argmax(ids < 0)])}"
+            )
         bounds = np.append(starts, len(steps)).astype(np.int64)
-        return cls(sample_ids=ids, bounds=bounds, epochs=epochs, source=source, first_step=int(uniq[0]))
+        return cls(
+            sample_ids=ids, bounds=bounds, epochs=epochs, source=source, first_step=int(uniq[0])
+        )
 
 
 def read_order(path: str | Path, columns: list[str] | None = None) -> pa.Table:
@@ -228,7 +236,9 @@ def read_order(path: str | Path, columns: list[str] | None = None) -> pa.Table:
         parts = sorted(path.glob("*.parquet"))
         if not parts:
             raise DataError(f"{path}: folder holds no .parquet parts")
-        return pa.concat_tables([pq.read_table(p, columns=columns) for p in parts], promote_options="default")
+        return pa.concat_tables(
+            [pq.read_table(p, columns=columns) for p in parts], promote_options="default"
+        )
     if not path.exists():
         raise DataError(f"order file {path} not found")
     try:
@@ -262,6 +272,7 @@ class DataOrder:
         self.replay = replay
         self.epoch_offset = epoch_offset
         self._epoch_steps: list[int] = []  # steps of epochs 0, 1, ... (computed lazily)
+        self._perm: tuple[int, np.ndarray] | None = None  # (epoch, permutation): one at a time
         if replay is None and schedule.size(0) > num_samples:
             raise DataError(
                 f"the dataset has {num_samples} samples, fewer than one global batch "
@@ -311,16 +322,13 @@ class DataOrder:
 
     # -- batches -----------------------------------------------------------------------------
 
-    @cached_property
-    def _perm_cache(self) -> dict[int, np.ndarray]:
-        return {}
-
     def _permutation(self, epoch: int) -> np.ndarray:
-        cache = self._perm_cache
-        if epoch not in cache:
-            cache.clear()  # one epoch at a time: N int64s can be large
-            cache[epoch] = permutation(self.num_samples, self.seed, epoch + self.epoch_offset)
-        return cache[epoch]
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (
+                epoch,
+                permutation(self.num_samples, self.seed, epoch + self.epoch_offset),
+            )
+        return self._perm[1]
 
     def batch_bounds(self, k: int, epoch: int) -> tuple[int, int]:
         """[lo, hi) of step `k` of epoch `epoch` inside that epoch's permutation."""
@@ -387,7 +395,9 @@ class DataOrder:
             )
         return k
 
-    def iter_steps(self, first_step: int = 0, num_steps: int | None = None) -> Iterator[tuple[int, int, int]]:
+    def iter_steps(
+        self, first_step: int = 0, num_steps: int | None = None
+    ) -> Iterator[tuple[int, int, int]]:
         """(global step, epoch, step in epoch) from `first_step`, for `num_steps` steps."""
         epoch, k = self.locate(first_step)
         step = first_step
@@ -412,7 +422,10 @@ def build_order(
 ) -> DataOrder:
     """The DataOrder of a phase from its config values (see `ettin.data.loader`)."""
     schedule = BatchSchedule.from_config(
-        global_batch_size, warmup_tokens=warmup_tokens, warmup_min=warmup_min, max_seq_len=max_seq_len
+        global_batch_size,
+        warmup_tokens=warmup_tokens,
+        warmup_min=warmup_min,
+        max_seq_len=max_seq_len,
     )
     replay = None
     if order_file:
@@ -479,7 +492,11 @@ class AuditReport:
 
     def __str__(self) -> str:
         if self.ok:
-            how = "same order" if self.same_order_within_steps else "same samples (order inside steps differs, e.g. packing)"
+            how = (
+                "same order"
+                if self.same_order_within_steps
+                else "same samples (order inside steps differs, e.g. packing)"
+            )
             return f"OK: {self.steps_compared} steps match ({how})"
         return f"DIFFERENT at step {self.first_differing_step}: {self.detail}"
 

@@ -81,7 +81,13 @@ def to_hf_state_dict(model: EttinModel) -> dict[str, Tensor]:
         if name.endswith("attn.Wqkv.weight"):
             prefix = name.removesuffix("Wqkv.weight")
             q, k, v = tensor.chunk(3, dim=0)  # rows [q | k | v], each (H, H)
-            out.update({prefix + "q_proj.weight": q, prefix + "k_proj.weight": k, prefix + "v_proj.weight": v})
+            out.update(
+                {
+                    prefix + "q_proj.weight": q,
+                    prefix + "k_proj.weight": k,
+                    prefix + "v_proj.weight": v,
+                }
+            )
         elif name.startswith("head."):
             out["lm_head." + name.removeprefix("head.")] = tensor
         else:
@@ -130,7 +136,9 @@ def load_hf_state_dict(model: EttinModel, state: dict[str, Tensor]) -> None:
         )
     embedding = state["model.embeddings.tok_embeddings.weight"]
     if "decoder.weight" in state and not torch.equal(state["decoder.weight"], embedding):
-        raise ValueError("decoder.weight differs from the token embedding; untied output layers are unsupported")
+        raise ValueError(
+            "decoder.weight differs from the token embedding; untied output layers are unsupported"
+        )
     model.load_state_dict({**state, "decoder.weight": embedding}, strict=True)
 
 
@@ -147,16 +155,24 @@ def _load_tokenizer(tokenizer: TokenizerLike) -> PreTrainedTokenizerBase | None:
     return AutoTokenizer.from_pretrained(str(tokenizer))
 
 
-def hf_config(args: ModelArgs, tokenizer: PreTrainedTokenizerBase | None = None) -> PretrainedConfig:
+def hf_config(
+    args: ModelArgs, tokenizer: PreTrainedTokenizerBase | None = None
+) -> PretrainedConfig:
     """The HF config for `args`; token ids from the tokenizer, else only the model's pad id."""
-    if tokenizer is not None:
-        cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
-        sep_id = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
-        ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=cls_id, cls_token_id=cls_id,
-                   eos_token_id=sep_id, sep_token_id=sep_id)  # fmt: skip
+    if tokenizer is not None:  # [CLS] doubles as bos and [SEP] as eos, as in the Ettin models
+        t = tokenizer
+        cls_id = t.cls_token_id if t.cls_token_id is not None else t.bos_token_id
+        sep_id = t.sep_token_id if t.sep_token_id is not None else t.eos_token_id
+        pad_id = t.pad_token_id
     else:  # unknown ids are left unset rather than guessed
-        ids = dict(pad_token_id=args.pad_token_id, bos_token_id=None, cls_token_id=None,
-                   eos_token_id=None, sep_token_id=None)  # fmt: skip
+        pad_id, cls_id, sep_id = args.pad_token_id, None, None
+    ids = dict(
+        pad_token_id=pad_id,
+        bos_token_id=cls_id,
+        cls_token_id=cls_id,
+        eos_token_id=sep_id,
+        sep_token_id=sep_id,
+    )
     common = dict(
         vocab_size=args.vocab_size,
         hidden_size=args.hidden_size,
@@ -175,9 +191,13 @@ def hf_config(args: ModelArgs, tokenizer: PreTrainedTokenizerBase | None = None)
     )
     if args.causal:
         return ModernBertDecoderConfig(
-            **common, layer_types=list(args.layer_types), architectures=["ModernBertDecoderForCausalLM"]
+            **common,
+            layer_types=list(args.layer_types),
+            architectures=["ModernBertDecoderForCausalLM"],
         )
-    return ModernBertConfig(**common, reference_compile=False, architectures=["ModernBertForMaskedLM"])
+    return ModernBertConfig(
+        **common, reference_compile=False, architectures=["ModernBertForMaskedLM"]
+    )
 
 
 def export_hf(
@@ -214,7 +234,7 @@ def export_hf(
     hf_model.to(dtype or next(model.parameters()).dtype)
     out = Path(out_dir)
     hf_model.save_pretrained(out, safe_serialization=True)
-    if args.causal:  # HF does not save local_attention and re-derives sliding_window from it on load
+    if args.causal:  # HF omits local_attention, then re-derives sliding_window from 128 on load
         config_path = out / "config.json"
         saved = json.loads(config_path.read_text())
         saved["local_attention"] = args.local_attention
@@ -224,10 +244,23 @@ def export_hf(
     return out
 
 
+def _every_n(layer_types: list[str], preferred: int) -> int | None:
+    """The n with layer_types == [full iff i % n == 0] (the config's own n first), else None."""
+    for n in (preferred, *range(1, len(layer_types) + 1)):
+        pattern = [
+            "full_attention" if i % n == 0 else "sliding_attention" for i in range(len(layer_types))
+        ]
+        if layer_types == pattern:
+            return n
+    return None
+
+
 def _args_from_hf(config: PretrainedConfig, raw: dict[str, Any], source: str) -> ModelArgs:
     """ModelArgs for an HF config; `raw` is config.json as written (HF re-derives sliding_window)."""
     if config.model_type not in ("modernbert", "modernbert-decoder"):
-        raise ValueError(f"{source}: model_type {config.model_type!r} is not modernbert or modernbert-decoder")
+        raise ValueError(
+            f"{source}: model_type {config.model_type!r} is not modernbert or modernbert-decoder"
+        )
     for field, value in FIXED_HF_FIELDS.items():
         if getattr(config, field) != value:
             raise ValueError(
@@ -235,17 +268,15 @@ def _args_from_hf(config: PretrainedConfig, raw: dict[str, Any], source: str) ->
             )
     causal = config.model_type == "modernbert-decoder"
     every_n = config.global_attn_every_n_layers
-    local_theta = config.local_rope_theta if config.local_rope_theta is not None else config.global_rope_theta
+    local_theta = (
+        config.local_rope_theta if config.local_rope_theta is not None else config.global_rope_theta
+    )
     if causal:
-        layer_types = list(config.layer_types)
-        candidates = [every_n, *range(1, config.num_hidden_layers + 1)]
-        every_n = next(
-            (n for n in candidates
-             if layer_types == ["full_attention" if i % n == 0 else "sliding_attention" for i in range(len(layer_types))]),
-            None,
-        )  # fmt: skip
+        every_n = _every_n(list(config.layer_types), every_n)
         if every_n is None:
-            raise ValueError(f"{source}: layer_types {layer_types} is not 'global iff layer % n == 0' for any n")
+            raise ValueError(
+                f"{source}: layer_types {config.layer_types} is not 'global iff layer % n == 0' for any n"
+            )
         local_attention = raw.get("local_attention") or 2 * raw.get("sliding_window", 64)
         if local_theta != config.global_rope_theta:
             warnings.warn(
@@ -293,7 +324,9 @@ def import_hf(
 
 
 def _tokenizer_beside(source: str, hub: dict) -> PreTrainedTokenizerBase | None:
-    if Path(source).is_dir() and not any((Path(source) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+    if Path(source).is_dir() and not any(
+        (Path(source) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")
+    ):
         return None
     try:
         return AutoTokenizer.from_pretrained(source, **hub)

@@ -127,7 +127,9 @@ def unpad(input_ids: Tensor, attention_mask: Tensor) -> Varlen:
     )
 
 
-def torch_attention(q: Tensor, k: Tensor, v: Tensor, batch: Varlen, window: Window, causal: bool) -> Tensor:
+def torch_attention(
+    q: Tensor, k: Tensor, v: Tensor, batch: Varlen, window: Window, causal: bool
+) -> Tensor:
     """Exact attention with PyTorch SDPA: re-pad to (B, S), mask per sequence/window, gather back.
 
     q, k, v: (T, heads, head_dim) -> (T, heads, head_dim).
@@ -137,25 +139,31 @@ def torch_attention(q: Tensor, k: Tensor, v: Tensor, batch: Varlen, window: Wind
     qkv = torch.stack((q, k, v))  # (3, T, heads, head_dim)
     if not batch.dense:
         qkv = qkv.new_zeros(3, B * S, heads, head_dim).index_copy(1, batch.indices, qkv)
-    q, k, v = qkv.view(3, B, S, heads, head_dim).transpose(2, 3).unbind(0)  # (B, heads, S, head_dim)
+    q, k, v = (
+        qkv.view(3, B, S, heads, head_dim).transpose(2, 3).unbind(0)
+    )  # (B, heads, S, head_dim)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.mask(window, causal))
     out = out.transpose(1, 2).reshape(B * S, heads, head_dim)  # (B*S, heads, head_dim)
     return out if batch.dense else out.index_select(0, batch.indices)
 
 
-def flash_attention(q: Tensor, k: Tensor, v: Tensor, batch: Varlen, window: Window, causal: bool) -> Tensor:
+def flash_attention(
+    q: Tensor, k: Tensor, v: Tensor, batch: Varlen, window: Window, causal: bool
+) -> Tensor:
     """flash_attn varlen kernel (fp16/bf16 only: fp32 inputs run in bf16 and are cast back)."""
     dtype = q.dtype
     if dtype not in (torch.float16, torch.bfloat16):
         q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    cu, max_len = batch.cu_seqlens, batch.max_seqlen
     out = flash_attn_varlen_func(
-        q, k, v, batch.cu_seqlens, batch.cu_seqlens, batch.max_seqlen, batch.max_seqlen,
-        causal=causal, window_size=window,
-    )  # fmt: skip
+        q, k, v, cu, cu, max_len, max_len, causal=causal, window_size=window
+    )
     return out.to(dtype)
 
 
-def attention_backend(device: torch.device, name: Literal["auto", "flash", "torch"] = "auto") -> AttentionFn:
+def attention_backend(
+    device: torch.device, name: Literal["auto", "flash", "torch"] = "auto"
+) -> AttentionFn:
     """The attention function for a device: flash on CUDA when flash_attn imports, else torch."""
     if name == "auto":
         name = "flash" if device.type == "cuda" and flash_attn_varlen_func is not None else "torch"

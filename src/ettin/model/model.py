@@ -31,7 +31,9 @@ class Embeddings(nn.Module):
 
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.hidden_size, padding_idx=args.pad_token_id)
+        self.tok_embeddings = nn.Embedding(
+            args.vocab_size, args.hidden_size, padding_idx=args.pad_token_id
+        )
         self.norm = _layer_norm(args)
 
     def forward(self, input_ids: Tensor) -> Tensor:
@@ -53,8 +55,8 @@ class MLP(nn.Module):
 
 def rope_cos_sin(position_ids: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
     """RoPE cos/sin, (T, 1, head_dim) in fp32, for rotate_half (GPT-NeoX) over the full head_dim."""
-    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float() / head_dim
-    inv_freq = 1.0 / theta**exponent  # (head_dim/2,)
+    steps = torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device)
+    inv_freq = 1.0 / theta ** (steps.float() / head_dim)  # (head_dim/2,)
     freqs = position_ids.float()[:, None] * inv_freq[None, :]  # (T, head_dim/2)
     emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # (T, 1, head_dim)
     return emb.cos(), emb.sin()
@@ -81,7 +83,13 @@ class Attention(nn.Module):
         self.window = GLOBAL_WINDOW if is_global else args.local_window
         self.rope_theta = args.global_rope_theta if is_global else args.local_rope_theta
 
-    def forward(self, x: Tensor, rope: dict[float, tuple[Tensor, Tensor]], batch: Varlen, attn_fn: AttentionFn) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        rope: dict[float, tuple[Tensor, Tensor]],
+        batch: Varlen,
+        attn_fn: AttentionFn,
+    ) -> Tensor:
         cos, sin = rope[self.rope_theta]
         qkv = self.Wqkv(x).view(-1, 3, self.num_heads, self.head_dim)  # (T, 3, heads, head_dim)
         q, k, v = qkv.unbind(1)  # (T, heads, head_dim) each
@@ -100,7 +108,13 @@ class Block(nn.Module):
         self.mlp_norm = _layer_norm(args)
         self.mlp = MLP(args)
 
-    def forward(self, x: Tensor, rope: dict[float, tuple[Tensor, Tensor]], batch: Varlen, attn_fn: AttentionFn) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        rope: dict[float, tuple[Tensor, Tensor]],
+        batch: Varlen,
+        attn_fn: AttentionFn,
+    ) -> Tensor:
         x = x + self.attn(self.attn_norm(x), rope, batch, attn_fn)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -176,7 +190,9 @@ class EttinModel(nn.Module):
         batch = unpad(input_ids, attention_mask)
         return self.model(batch, attention_backend(input_ids.device, self.attn_impl)), batch
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None = None) -> EttinOutput:
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None = None
+    ) -> EttinOutput:
         """Loss without materialising (B, S, V): only scored positions reach the vocab projection.
 
         MLM: positions with labels != -100. CLM: every token except each sequence's last, predicting
@@ -188,7 +204,9 @@ class EttinModel(nn.Module):
             targets = batch.input_ids[positions + 1]
         else:
             if labels is None:
-                raise ValueError("the MLM forward needs labels (-100 = unscored); use padded_logits for inference")
+                raise ValueError(
+                    "the MLM forward needs labels (-100 = unscored); use padded_logits for inference"
+                )
             flat_labels = labels.flatten()[batch.indices]  # (T,)
             positions = (flat_labels != -100).nonzero().squeeze(1)
             targets = flat_labels[positions]
@@ -229,6 +247,8 @@ class EttinModel(nn.Module):
             elif isinstance(module, nn.Linear | nn.Embedding):
                 suffix = next((s for s in stds if name.endswith(s)), None)
                 if suffix is None:
-                    raise RuntimeError(f"init_weights has no std for module {name!r}; add it to the table")
+                    raise RuntimeError(
+                        f"init_weights has no std for module {name!r}; add it to the table"
+                    )
                 s = stds[suffix]
                 nn.init.trunc_normal_(module.weight, mean=0.0, std=s, a=-cutoff * s, b=cutoff * s)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 __all__ = ["SIZES", "ModelArgs", "model_args", "parameter_count"]
 
@@ -43,11 +43,21 @@ class ModelArgs:
     """Embedding padding_idx; read it from the tokenizer, never hard-code it."""
 
     def __post_init__(self) -> None:
-        for name in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "vocab_size",
-                     "global_attn_every_n_layers", "local_attention"):  # fmt: skip
-            if getattr(self, name) <= 0:
-                raise ValueError(f"ModelArgs.{name} must be positive, got {getattr(self, name)}")
-        for name in ("global_rope_theta", "local_rope_theta", "norm_eps", "init_std", "init_cutoff_factor"):
+        positive = (
+            "num_layers",
+            "hidden_size",
+            "intermediate_size",
+            "num_heads",
+            "vocab_size",
+            "global_attn_every_n_layers",
+            "local_attention",
+            "global_rope_theta",
+            "local_rope_theta",
+            "norm_eps",
+            "init_std",
+            "init_cutoff_factor",
+        )
+        for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"ModelArgs.{name} must be positive, got {getattr(self, name)}")
         if self.hidden_size % self.num_heads:
@@ -63,7 +73,9 @@ class ModelArgs:
                 "window, split into local_attention // 2 tokens on each side"
             )
         if not 0.0 <= self.attn_out_dropout < 1.0:
-            raise ValueError(f"ModelArgs.attn_out_dropout must be in [0, 1), got {self.attn_out_dropout}")
+            raise ValueError(
+                f"ModelArgs.attn_out_dropout must be in [0, 1), got {self.attn_out_dropout}"
+            )
         if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
             raise ValueError(
                 f"ModelArgs.pad_token_id ({self.pad_token_id}) must be in [0, vocab_size={self.vocab_size})"
@@ -95,10 +107,6 @@ class ModelArgs:
         """
         half = self.local_attention // 2
         return (half - 1, 0) if self.causal else (half, half)
-
-    def to_dict(self) -> dict:
-        """Plain dict of the fields (for checkpoints and configs)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 SIZES: dict[str, dict] = {

@@ -67,7 +67,11 @@ def chunk_spans(
         if rng is None:
             raise ValueError("backfill needs a seeded numpy Generator (rng)")
         # The previous chunk is full (C tokens): move r tokens so both stay >= backfill_below.
-        r = int(rng.integers(rules.backfill_below - last, rules.context_length - rules.backfill_below + 1))
+        r = int(
+            rng.integers(
+                rules.backfill_below - last, rules.context_length - rules.backfill_below + 1
+            )
+        )
         (ps, pe), (ls, le) = spans[-2], spans[-1]
         spans[-2:] = [(ps, pe - r), (ls - r, le)]
     return spans

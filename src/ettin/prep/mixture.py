@@ -83,7 +83,9 @@ class PhaseConfig:
     backfill_below: int = 0
     """If > 0, non-first chunks shorter than this take tokens from the previous chunk."""
     mix: dict[str, MixEntry] = field(default_factory=dict)
-    """Source name -> its share; an entry with neither weight nor tokens takes every chunk once."""
+    """Source name -> its share. An entry with neither weight nor tokens takes its natural share
+    (in proportion to its available tokens) of what fixed entries leave of the phase `tokens`,
+    or every chunk once when the phase has no `tokens`."""
 
     def __post_init__(self) -> None:
         from ettin.prep.chunking import ChunkRules
@@ -105,10 +107,15 @@ class PhaseConfig:
             raise ValueError(f"mix entries {weighted} have a weight but the phase has no `tokens`")
         if self.tokens is not None:
             plain = [n for n, e in self.mix.items() if e.weight is None and e.tokens is None]
-            if plain:
-                raise ValueError(f"with a phase `tokens` budget, give {plain} a weight or tokens")
-            if fixed > self.tokens or (weighted and fixed == self.tokens):
-                raise ValueError(f"fixed mix tokens ({fixed}) leave nothing of tokens={self.tokens}")
+            if plain and weighted:
+                raise ValueError(
+                    f"mix entries {plain} have no weight while {weighted} do: give every "
+                    f"non-fixed entry a weight, or none (natural shares)"
+                )
+            if fixed > self.tokens or ((weighted or plain) and fixed == self.tokens):
+                raise ValueError(
+                    f"fixed mix tokens ({fixed}) leave nothing of tokens={self.tokens}"
+                )
 
 
 @dataclass(kw_only=True)
@@ -148,16 +155,19 @@ def _suggest(word: str, valid: Any) -> str:
 
 
 def _schema_at(parts: list[str]) -> type | None:
-    """The dataclass that holds the last part of a dotted key path, walking dict values."""
+    """The dataclass that holds the last part of a dotted key path (dict keys are skipped)."""
     node: Any = Mixture
-    for part in parts[:-1]:
-        if is_dataclass(node):
-            hint = get_type_hints(node).get(part)
-            if hint is None:
-                return None
-            args = get_args(hint)
-            node = args[-1] if args and getattr(hint, "__origin__", None) is dict else hint
-        # else: a dict key (source / phase / mix name); stay on the value schema
+    i = 0
+    while i < len(parts) - 1:
+        hint = get_type_hints(node).get(parts[i]) if is_dataclass(node) else None
+        if hint is None:
+            return None
+        if getattr(hint, "__origin__", None) is dict:
+            node = get_args(hint)[1]
+            i += 2  # the next part is a name (source, phase, mix entry)
+        else:
+            node = hint
+            i += 1
     return node if is_dataclass(node) else None
 
 

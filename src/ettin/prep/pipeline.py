@@ -204,7 +204,9 @@ def chunk_source(ts: TokenizedSource, rules: ChunkRules, seed: int, verbose: boo
     )
 
 
-def holdout_documents(doc_tokens: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+def holdout_documents(
+    doc_tokens: np.ndarray, fraction: float, rng: np.random.Generator
+) -> np.ndarray:
     """Boolean mask of validation documents: a seeded set holding about `fraction` of tokens.
 
     At least one document when `fraction > 0` and there are two or more; never all of them.
@@ -243,20 +245,31 @@ def sample_to_budget(
         cum = np.cumsum(lengths[order])
         take = order[: int(np.searchsorted(cum, rest, side="left")) + (rest > 0)]
     idx = np.concatenate([np.tile(np.arange(n, dtype=np.int64), copies), take])
-    copy = np.concatenate([np.repeat(np.arange(copies, dtype=np.int64), n), np.full(len(take), copies)])
+    copy = np.concatenate(
+        [np.repeat(np.arange(copies, dtype=np.int64), n), np.full(len(take), copies)]
+    )
     return idx, copy
 
 
-def source_targets(phase: PhaseConfig) -> dict[str, int | None]:
-    """Train-token target per source: fixed `tokens`, or its weight's share of the rest."""
-    fixed = {n: e.tokens for n, e in phase.mix.items() if e.tokens is not None}
-    weights = {n: e.weight for n, e in phase.mix.items() if e.weight is not None}
-    targets: dict[str, int | None] = {n: None for n in phase.mix}
-    targets.update(fixed)
-    if weights:
-        rest = phase.tokens - sum(fixed.values())
-        total = sum(weights.values())
-        targets.update({n: max(1, round(rest * w / total)) for n, w in weights.items()})
+def source_targets(phase: PhaseConfig, available: dict[str, int]) -> dict[str, int | None]:
+    """Train-token target per source (None: every chunk once).
+
+    Fixed `tokens` entries get their budget; weighted entries share what is left of the phase
+    `tokens` by weight; entries with neither share it by `available` train tokens (natural
+    proportions, like a uniform sample of all the data).
+    """
+    targets: dict[str, int | None] = {n: e.tokens for n, e in phase.mix.items()}
+    if phase.tokens is None:
+        return targets
+    rest = phase.tokens - sum(e.tokens or 0 for e in phase.mix.values())
+    shares = {
+        n: (e.weight if e.weight is not None else available[n])
+        for n, e in phase.mix.items()
+        if e.tokens is None
+    }
+    total = sum(shares.values())
+    for n, share in shares.items():
+        targets[n] = max(1, round(rest * share / total)) if total else 1
     return targets
 
 
@@ -281,7 +294,8 @@ def _write_split(
     mixture: Mixture,
     desc: str,
     verbose: bool,
-) -> None:
+) -> int:
+    """Write one split's samples in a seeded order; return the largest token id written."""
     from streaming import MDSWriter
 
     src = np.concatenate(sel.src)
@@ -290,6 +304,7 @@ def _write_split(
     order = _rng(seed, _SHUFFLE, desc).permutation(len(src))
     bodies = [ts.bodies() for ts in sources]
     head, tail = np.array([cls_id], np.uint32), np.array([sep_id], np.uint32)
+    top = 0
     with MDSWriter(
         out=str(out),
         columns=MDS_COLUMNS,
@@ -303,6 +318,8 @@ def _write_split(
             sample_id = f"{sources[s].doc_ids[ch.doc[c]]}#{ch.number[c]}" + (f"+{k}" if k else "")
             ids = np.concatenate([head, bodies[s][start : start + n], tail])
             writer.write({"input_ids": ids, "source": sources[s].name, "id": sample_id})
+            top = max(top, int(ids.max()))
+    return top
 
 
 def _split_counts(sel: _Selection, s: int, ch: Chunks) -> dict:
@@ -331,21 +348,22 @@ def build_phase(
         min_chunk_tokens=phase.min_chunk_tokens,
         backfill_below=phase.backfill_below,
     )
-    names = list(phase.mix)
-    used = [sources[n] for n in names]
-    targets = source_targets(phase)
-    chunks: list[Chunks] = []
+    used = [sources[n] for n in phase.mix]
+    chunks = [chunk_source(ts, rules, phase.seed, verbose) for ts in used]
+    pools = []
+    for ts, ch in zip(used, chunks):
+        seeded = _rng(phase.seed, _HOLDOUT, ts.name)
+        is_val = holdout_documents(np.diff(ts.offsets), phase.val_fraction, seeded)
+        pools.append((is_val, np.flatnonzero(~is_val[ch.doc]), np.flatnonzero(is_val[ch.doc])))
+    available = {
+        ts.name: int((ch.length[train_pool] + 2).sum())
+        for ts, ch, (_, train_pool, _) in zip(used, chunks, pools)
+    }
+    targets = source_targets(phase, available)
     train, val = _Selection(), _Selection()
     source_stats: dict[str, dict] = {}
-    for s, ts in enumerate(used):
-        ch = chunk_source(ts, rules, phase.seed, verbose)
-        chunks.append(ch)
-        doc_tokens = np.diff(ts.offsets)
-        is_val = holdout_documents(doc_tokens, phase.val_fraction, _rng(phase.seed, _HOLDOUT, ts.name))
-        chunk_val = is_val[ch.doc]
+    for s, (ts, ch, (is_val, train_pool, val_pool)) in enumerate(zip(used, chunks, pools)):
         lengths = ch.length + 2
-        train_pool = np.flatnonzero(~chunk_val)
-        val_pool = np.flatnonzero(chunk_val)
         target = targets[ts.name]
         idx, copy = sample_to_budget(lengths[train_pool], target, _rng(phase.seed, _TRAIN, ts.name))
         train.src.append(np.full(len(idx), s, np.int64))
@@ -360,7 +378,6 @@ def build_phase(
         val.src.append(np.full(len(vidx), s, np.int64))
         val.idx.append(val_pool[vidx])
         val.copy.append(vcopy)
-        available = int(lengths[train_pool].sum())
         source_stats[ts.name] = {
             "documents_read": ts.docs_read,
             "documents_empty": ts.empty_docs,
@@ -370,11 +387,8 @@ def build_phase(
             "chunks_dropped_short": ch.dropped,
             "tokens_dropped_short": ch.dropped_tokens,
             "chunks_backfilled": ch.backfilled,
-            "train_tokens_available": available,
+            "train_tokens_available": available[ts.name],
             "train_tokens_target": target,
-            "train_upsample": round(int((lengths[train_pool][idx]).sum()) / available, 4)
-            if available
-            else 0.0,
         }
     stats: dict = {"phase": name, "context_length": phase.context_length, "seed": phase.seed}
     stats["sources"] = source_stats
@@ -387,10 +401,11 @@ def build_phase(
             "sources": per_source,
         }
         if stats["splits"][split]["chunks"]:
-            _write_split(
+            top = _write_split(
                 staged / split, sel, used, chunks, cls_id, sep_id, phase.seed, mixture,
                 f"{name}/{split}", verbose,
             )  # fmt: skip
+            meta["max_token_id"] = max(meta.get("max_token_id", 0), top)
     (staged / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     (staged / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return stats
@@ -422,13 +437,17 @@ class PrepResult:
 
 
 def summary_table(stats: dict[str, dict]) -> str:
-    """phase | split | source | docs | chunks | tokens, one row per source and split."""
-    rows = [("phase", "split", "source", "docs", "chunks", "tokens")]
+    """One row per phase, split and source: documents, chunks, tokens, and for train the
+    sampling rate (tokens written / train tokens available; above 1 means upsampled)."""
+    rows = [("phase", "split", "source", "docs", "chunks", "tokens", "rate")]
     for phase, st in stats.items():
         for split, sp in st["splits"].items():
             for source, c in sp["sources"].items():
-                rows.append((phase, split, source, *(f"{c[k]:,}" for k in ("documents", "chunks", "tokens"))))
-    widths = [max(len(r[i]) for r in rows) for i in range(6)]
+                avail = st["sources"][source]["train_tokens_available"]
+                rate = f"{c['tokens'] / avail:.2f}x" if split == "train" and avail else ""
+                counts = (f"{c[k]:,}" for k in ("documents", "chunks", "tokens"))
+                rows.append((phase, split, source, *counts, rate))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [
         "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
         for r in rows
@@ -456,7 +475,9 @@ def prep(
     chosen = list(phases) if phases else list(mix.phases)
     for p in chosen:
         if p not in mix.phases:
-            raise PrepError(f"{where}: no phase {p!r}{_suggest(p, mix.phases)}; phases: {list(mix.phases)}")
+            raise PrepError(
+                f"{where}: no phase {p!r}{_suggest(p, mix.phases)}; phases: {list(mix.phases)}"
+            )
     tok_name = tokenizer or mix.tokenizer
     tok = load_tokenizer(tok_name)
     cls_id, sep_id = special_ids(tok, where=f"tokenizer {tok_name!r}")
@@ -508,3 +529,6 @@ def prep(
         print(summary_table(stats))
     tokens_read = sum(int(ts.offsets[-1]) + 2 * len(ts.doc_ids) for ts in tokenized.values())
     return PrepResult(out, stats, timings, tokens_read)
+
+
+run_prep = prep  # the name `ettin.demo` calls

@@ -48,7 +48,13 @@ KNOWN_TOKENS: dict[str, int] = {
     " Brussels": 30167,
     " Geneva": 31955,
 }
-KNOWN_SPECIAL_IDS = {"[UNK]": 50280, "[CLS]": 50281, "[SEP]": 50282, "[PAD]": 50283, "[MASK]": 50284}
+KNOWN_SPECIAL_IDS = {
+    "[UNK]": 50280,
+    "[CLS]": 50281,
+    "[SEP]": 50282,
+    "[PAD]": 50283,
+    "[MASK]": 50284,
+}
 
 
 def default_tokenizer_dir() -> Path:

@@ -1,0 +1,136 @@
+"""Small, fast fixtures for data tests: a tiny tokenizer and prepared phases written with MDSWriter.
+
+The tiny tokenizer puts its special tokens *after* the words (as the Ettin tokenizer does), so
+code that hard-codes ids fails on it. A phase is written exactly as `ettin prep` lays it out:
+`<root>/meta.json` (tokenizer fingerprint) and `<root>/<split>/index.json` + MDS shards with
+columns `input_ids: ndarray:uint32`, `source: str`, `id: str`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+COLUMNS = {"input_ids": "ndarray:uint32", "source": "str", "id": "str"}
+
+
+def tiny_tokenizer(num_words: int = 60, num_unused: int = 3) -> Any:
+    """A WordLevel fast tokenizer: w0..w{n-1}, then [UNK] [CLS] [SEP] [PAD] [MASK], then [unusedN]."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(num_words)}
+    specials = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"]
+    for j, name in enumerate(specials):
+        vocab[name] = num_words + j
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    tok.add_tokens([f"[unused{i}]" for i in range(num_unused)])
+    cls_id, sep_id = vocab["[CLS]"], vocab["[SEP]"]
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        mask_token="[MASK]",
+    )
+
+
+def random_samples(
+    n: int,
+    tokenizer: Any,
+    *,
+    seed: int = 0,
+    min_len: int = 3,
+    max_len: int = 40,
+    bos: bool = True,
+    eos: bool = True,
+) -> list[np.ndarray]:
+    """`n` documents of ordinary word ids (lengths in [min_len, max_len]) as stored by prep."""
+    from ettin.objectives import token_sets
+
+    _, ordinary = token_sets(tokenizer)
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        body = rng.choice(ordinary, size=int(rng.integers(min_len, max_len + 1)))
+        parts = (
+            ([tokenizer.cls_token_id] if bos else [])
+            + body.tolist()
+            + ([tokenizer.sep_token_id] if eos else [])
+        )
+        out.append(np.asarray(parts, np.uint32))
+    return out
+
+
+def write_split(
+    split_dir: str | Path,
+    samples: Iterable[np.ndarray],
+    *,
+    size_limit: int | None = 2048,
+    columns: dict[str, str] | None = None,
+) -> Path:
+    """Write samples as MDS shards (several shards with the default small size limit)."""
+    from streaming import MDSWriter
+
+    split_dir = Path(split_dir)
+    cols = columns or COLUMNS
+    with MDSWriter(out=str(split_dir), columns=cols, size_limit=size_limit) as writer:
+        for i, ids in enumerate(samples):
+            value = (
+                np.asarray(ids, np.dtype(cols["input_ids"].split(":")[1]))
+                if ":" in cols["input_ids"]
+                else ids
+            )
+            writer.write({"input_ids": value, "source": "test", "id": f"doc{i}"})
+    return split_dir
+
+
+def write_phase(
+    root: str | Path,
+    tokenizer: Any,
+    splits: dict[str, Sequence[np.ndarray]],
+    *,
+    size_limit: int | None = 2048,
+    meta: dict | None = None,
+) -> Path:
+    """A prepared phase: meta.json with the tokenizer fingerprint and one MDS folder per split."""
+    from ettin.data.dataset import _fingerprint
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for split, samples in splits.items():
+        write_split(root / split, samples, size_limit=size_limit)
+    info = {"tokenizer": _fingerprint(tokenizer)} if meta is None else meta
+    (root / "meta.json").write_text(json.dumps(info, indent=2))
+    return root
+
+
+def tiny_composer_model(vocab_size: int) -> Any:
+    """A 2-parameter-tensor ComposerModel that trains on any CONTRACTS.md batch (data-path tests)."""
+    import torch
+    from composer.models import ComposerModel
+
+    class _Tiny(ComposerModel):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(vocab_size, 4)
+            self.out = torch.nn.Linear(4, 1)
+
+        def forward(self, batch: dict) -> torch.Tensor:
+            x = self.emb(batch["input_ids"]) * (batch["attention_mask"] > 0).unsqueeze(-1)
+            return self.out(x).mean()
+
+        def loss(self, outputs: torch.Tensor, batch: dict) -> torch.Tensor:
+            return outputs.pow(2)
+
+    return _Tiny()

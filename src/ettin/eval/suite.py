@@ -1,0 +1,344 @@
+"""Run tasks x models and write one comparison: results.md, results.csv, results.png.
+
+Each row is one model: its name, kind (encoder / decoder), origin (native, or cross for a
+cross-objective continuation), parameter count, then one column per metric. Task names:
+
+| task | columns | what |
+|---|---|---|
+| intrinsic | mlm_acc mlm_ce clm_acc clm_ce ppl | both objectives' tasks for both kinds; ppl for decoders |
+| choice | choice_acc choice_acc_norm | next-sentence multiple choice (log-likelihood / PLL) |
+| classify | era_acc era_f1 | paragraph era, fine-tuned pooled head |
+| retrieval | retrieval_ndcg10_zeroshot retrieval_ndcg10 | continuation retrieval, contrastive fine-tuning |
+| bias | bias_he bias_she bias_they bias_gap | Winogender-style pronoun preference |
+| lm-eval[:t1+t2...] | <task>_acc <task>_acc_norm | lm-evaluation-harness tasks (Hub) |
+| glue:<name> | glue_<name>_acc glue_<name>_f1 | GLUE fine-tuning (Hub) |
+| nanobeir[:d1+d2...] | nanobeir_<d>_ndcg10 | sentence-transformers on MS MARCO, NanoBEIR (Hub) |
+
+The first five are offline (built from the corpus folder); the last three need network access
+and `pip install 'ettin[eval]'`.
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import math
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+from ettin.eval import HUB_TASKS, OFFLINE_TASKS
+from ettin.eval.bias import evaluate_bias
+from ettin.eval.choice import DEFAULT_LM_EVAL_TASKS, evaluate_choice, run_lm_eval
+from ettin.eval.classify import evaluate_classification
+from ettin.eval.intrinsic import evaluate_intrinsic
+from ettin.eval.models import EvalModel
+from ettin.eval.retrieval import (
+    NANOBEIR_DEFAULT,
+    evaluate_retrieval,
+    sentence_transformers_retrieval,
+)
+from ettin.eval.tasks import FULL, QUICK, Budget, OfflineTasks, build_offline_tasks, glue_task
+
+BASE_COLUMNS = ("model", "kind", "origin", "params")
+METRIC_COLUMNS: dict[str, tuple[str, ...]] = {
+    "intrinsic": ("mlm_acc", "mlm_ce", "clm_acc", "clm_ce", "ppl"),
+    "choice": ("choice_acc", "choice_acc_norm"),
+    "classify": ("era_acc", "era_f1"),
+    "retrieval": ("retrieval_ndcg10_zeroshot", "retrieval_ndcg10"),
+    "bias": ("bias_he", "bias_she", "bias_they", "bias_gap"),
+}
+LOWER_IS_BETTER = re.compile(r"(_ce|ppl|perplexity)$")
+CROSS_NAME = re.compile(
+    r"cross|(enc|dec|mlm|clm|encoder|decoder)[-_]from[-_]|from[-_](enc|dec|mlm|clm)"
+)
+
+
+def parse_tasks(tasks: Sequence[str] | str | None) -> list[str]:
+    """Task names from a list or a comma-separated string; None means the offline five."""
+    if tasks is None:
+        return list(OFFLINE_TASKS)
+    if isinstance(tasks, str):
+        tasks = tasks.split(",")
+    out = [t.strip() for t in tasks if t.strip()]
+    for t in out:
+        if t not in OFFLINE_TASKS and t.split(":")[0] not in HUB_TASKS:
+            raise ValueError(
+                f"unknown task {t!r}: choose from {', '.join(OFFLINE_TASKS)}, "
+                "lm-eval[:task+task], glue:<name>, nanobeir[:dataset+dataset]"
+            )
+        if t.startswith("glue") and ":" not in t:
+            raise ValueError("name the GLUE task: glue:sst2, glue:mnli, ...")
+    return out
+
+
+def model_origin(source: str | Path) -> str:
+    """ "cross" when the directory name says so (e.g. `...-cross`, `dec-from-enc`), else
+    "native". Pass `origins` to `run_suite` (or `--cross` on the command line) to be explicit."""
+    return "cross" if CROSS_NAME.search(Path(str(source)).name.lower()) else "native"
+
+
+def _run_task(
+    task: str,
+    model: EvalModel,
+    source: str | Path,
+    offline: OfflineTasks | None,
+    budget: Budget,
+    seed: int,
+) -> dict[str, float]:
+    if task == "intrinsic":
+        assert offline is not None
+        return evaluate_intrinsic(
+            model,
+            offline.intrinsic_texts,
+            seq_len=budget.seq_len,
+            num_chunks=budget.intrinsic_chunks,
+            clm_positions=budget.clm_positions,
+            seed=seed,
+        )
+    if task == "choice":
+        assert offline is not None
+        return {f"choice_{k}": v for k, v in evaluate_choice(model, offline.choice).items()}
+    if task == "classify":
+        assert offline is not None
+        metrics = evaluate_classification(
+            model,
+            offline.classify,
+            mode="probe" if budget.classify_mode == "probe" else "finetune",
+            steps=budget.classify_steps,
+            max_length=budget.seq_len,
+            seed=seed,
+        )
+        return {f"era_{k}": v for k, v in metrics.items()}
+    if task == "retrieval":
+        assert offline is not None
+        metrics = evaluate_retrieval(
+            model,
+            offline.retrieval,
+            steps=budget.retrieval_steps,
+            max_length=budget.seq_len,
+            seed=seed,
+        )
+        return {f"retrieval_{k}": v for k, v in metrics.items()}
+    if task == "bias":
+        bias_items = offline.bias if offline is not None else None
+        if bias_items is None:
+            from ettin.eval.bias import OCCUPATIONS, build_bias_items
+
+            bias_items = build_bias_items(OCCUPATIONS[: budget.bias_occupations])
+        return {f"bias_{k}": v for k, v in evaluate_bias(model, bias_items).items()}
+    name, _, arg = task.partition(":")
+    if name == "lm-eval":
+        names = arg.split("+") if arg else list(DEFAULT_LM_EVAL_TASKS)
+        return run_lm_eval(model, names, limit=100 if budget is QUICK else None)
+    if name == "glue":
+        limit = 2000 if budget is QUICK else None
+        data = glue_task(arg, max_train=limit, max_test=limit)
+        steps = max(budget.classify_steps, len(data.train_texts) * 3 // 32)
+        metrics = evaluate_classification(model, data, steps=steps, batch_size=32, seed=seed)
+        return {f"glue_{arg}_{k}": v for k, v in metrics.items()}
+    if name == "nanobeir":
+        datasets = arg.split("+") if arg else list(NANOBEIR_DEFAULT)
+        pooling = "mean" if model.kind == "encoder" else "lasttoken"
+        pairs = 10_000 if budget is QUICK else 100_000
+        return sentence_transformers_retrieval(
+            str(source), pooling=pooling, train_pairs=pairs, datasets=datasets
+        )
+    raise ValueError(f"unknown task {task!r}")
+
+
+def run_suite(
+    model_dirs: Sequence[str | Path],
+    corpus_dir: str | Path | None,
+    out_dir: str | Path,
+    tasks: Sequence[str] | str | None = None,
+    quick: bool = False,
+    *,
+    seed: int = 0,
+    device: str | None = None,
+    origins: Mapping[str, str] | None = None,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
+    """Evaluate every model on every task; write results.md/.csv/.png into `out_dir`.
+
+    `model_dirs`: exported HF directories (or Hub names with network access). `corpus_dir`:
+    the speeches folder for the offline tasks (unused if only bias / Hub tasks run). `quick`:
+    the small budget of `tasks.QUICK` (the demo). `origins`: model name or path -> "native" /
+    "cross", overriding `model_origin`. Returns one dict per model (see the module table)."""
+    task_list = parse_tasks(tasks)
+    budget = QUICK if quick else FULL
+    needs_corpus = any(t in ("intrinsic", "choice", "classify", "retrieval") for t in task_list)
+    offline = None
+    if needs_corpus:
+        if corpus_dir is None:
+            raise ValueError("the offline tasks need a corpus folder (--corpus)")
+        offline = build_offline_tasks(corpus_dir, budget, seed)
+        log("eval data: " + "; ".join(f"{k}: {v}" for k, v in offline.counts.items()))
+    rows = []
+    for source in model_dirs:
+        started = time.perf_counter()
+        model = EvalModel.load(source, device=device)
+        origin = (
+            (origins or {}).get(model.name)
+            or (origins or {}).get(str(source))
+            or model_origin(source)
+        )
+        row: dict = {
+            "model": model.name,
+            "kind": model.kind,
+            "origin": origin,
+            "params": model.num_parameters(),
+        }
+        for task in task_list:
+            t0 = time.perf_counter()
+            metrics = _run_task(task, model, source, offline, budget, seed)
+            row.update(metrics)
+            shown = ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
+            log(
+                f"eval {model.name} [{model.kind}] {task}: {shown} ({time.perf_counter() - t0:.1f}s)"
+            )
+        row["seconds"] = round(time.perf_counter() - started, 1)
+        rows.append(row)
+        del model
+        gc.collect()
+    write_results(rows, out_dir, notes=offline.counts if offline else None, quick=quick)
+    return rows
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def metric_columns(rows: Sequence[Mapping]) -> list[str]:
+    """Metric columns in task order, then any others in first-seen order."""
+    seen: list[str] = []
+    for r in rows:
+        for key in r:
+            if key not in BASE_COLUMNS and key != "seconds" and key not in seen:
+                seen.append(key)
+    known = [c for cols in METRIC_COLUMNS.values() for c in cols if c in seen]
+    return known + [c for c in seen if c not in known]
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "–"
+        return f"{value:.3f}" if abs(value) < 1000 else f"{value:.4g}"
+    if isinstance(value, int) and value >= 1_000_000:
+        return f"{value / 1e6:.1f}M"
+    return str(value)
+
+
+def _order(rows: Sequence[Mapping]) -> list[Mapping]:
+    """By size, then encoders before decoders, native before cross: pairs side by side."""
+    return sorted(
+        rows,
+        key=lambda r: (
+            r.get("params", 0),
+            r["kind"] != "encoder",
+            r.get("origin") != "native",
+            r["model"],
+        ),
+    )
+
+
+def write_results(
+    rows: Sequence[Mapping],
+    out_dir: str | Path,
+    notes: Mapping[str, str] | None = None,
+    quick: bool = False,
+) -> dict[str, Path]:
+    """results.csv (every column, full precision), results.md (a table and notes), results.png."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = _order(rows)
+    metrics = metric_columns(rows)
+    columns = [*BASE_COLUMNS, *metrics, "seconds"]
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for r in rows:
+            writer.writerow(["" if _missing(r.get(c)) else r.get(c) for c in columns])
+    lines = [
+        "| " + " | ".join(columns) + " |",
+        "|"
+        + "|".join("---" if c in ("model", "kind", "origin") else "---:" for c in columns)
+        + "|",
+    ]
+    for r in rows:
+        lines.append(
+            "| " + " | ".join("–" if _missing(r.get(c)) else _fmt(r.get(c)) for c in columns) + " |"
+        )
+    text = ["# Evaluation: encoders and decoders side by side", ""]
+    text += lines
+    text += [
+        "",
+        "Accuracies, F1, nDCG@10 and bias shares are fractions in [0, 1]; _ce is cross-entropy "
+        "(nats/token) and ppl perplexity (lower is better); bias_gap = share(he) - share(she). "
+        "See docs/eval.md for how each score is computed.",
+    ]
+    if notes:
+        budget = "quick" if quick else "full"
+        text += [
+            "",
+            f"Offline data ({budget} budget): "
+            + "; ".join(f"{k}: {v}" for k, v in notes.items())
+            + ".",
+        ]
+    (out / "results.md").write_text("\n".join(text) + "\n")
+    plot_results(rows, metrics, out / "results.png")
+    return {"md": out / "results.md", "csv": out / "results.csv", "png": out / "results.png"}
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+KIND_COLORS = {"encoder": "#1f77b4", "decoder": "#ff7f0e"}
+
+
+def plot_results(rows: Sequence[Mapping], metrics: Sequence[str], path: str | Path) -> Path:
+    """One panel per metric; a bar per model, ordered by size then kind, coloured by kind,
+    hatched when cross-objective, so each encoder/decoder pair stands side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    rows = _order(rows)
+    shown = [m for m in metrics if any(not _missing(r.get(m)) for r in rows)] or ["params"]
+    cols = min(4, len(shown))
+    nrows = math.ceil(len(shown) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.8 * nrows + 0.6), squeeze=False)
+    labels = [f"{r['model']}\n{_fmt(r.get('params', 0))}" for r in rows]
+    for ax, metric in zip(axes.flat, shown, strict=False):
+        values = [float("nan") if _missing(r.get(metric)) else float(r[metric]) for r in rows]
+        for x, (r, v) in enumerate(zip(rows, values, strict=True)):
+            if not math.isnan(v):
+                ax.bar(
+                    x,
+                    v,
+                    color=KIND_COLORS.get(r["kind"], "grey"),
+                    hatch="//" if r.get("origin") == "cross" else None,
+                    edgecolor="black",
+                    linewidth=0.5,
+                )
+        arrow = " (lower better)" if LOWER_IS_BETTER.search(metric) else ""
+        ax.set_title(metric + arrow, fontsize=9)
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels(labels, fontsize=6, rotation=30, ha="right")
+        ax.tick_params(axis="y", labelsize=7)
+    for ax in list(axes.flat)[len(shown) :]:
+        ax.axis("off")
+    legend = [
+        Patch(facecolor=KIND_COLORS["encoder"], label="encoder"),
+        Patch(facecolor=KIND_COLORS["decoder"], label="decoder"),
+        Patch(facecolor="white", edgecolor="black", hatch="//", label="cross-objective"),
+    ]
+    fig.legend(handles=legend, loc="upper center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (2.8 * nrows + 0.6)))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
