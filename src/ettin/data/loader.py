@@ -68,6 +68,16 @@ class OrderSampler(DistributedSampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    @property
+    def rank_batch_size(self) -> int:
+        """This rank's samples per step at the full global batch size."""
+        full = (
+            self.order.schedule.full
+            if self.order.replay is None
+            else int(np.diff(self.order.replay.bounds).max())
+        )
+        return -(-full // self.num_replicas)
+
     def __len__(self) -> int:
         return self.order.steps_in_epoch(self.epoch)
 
@@ -170,6 +180,13 @@ class EvalSampler(DistributedSampler):
     def set_epoch(self, epoch: int) -> None:  # the evaluation order never changes
         pass
 
+    @property
+    def rank_batch_size(self) -> int:
+        """The most samples this sampler gives a rank in one batch."""
+        return max(
+            -(-(hi - lo) // self.num_replicas) for lo, hi in zip(self.bounds[:-1], self.bounds[1:])
+        )
+
     def __len__(self) -> int:
         return len(self.bounds) - 1
 
@@ -177,6 +194,24 @@ class EvalSampler(DistributedSampler):
         for lo, hi in zip(self.bounds[:-1], self.bounds[1:]):
             ids = rank_slice(np.arange(lo, hi), self.rank, self.num_replicas)
             yield [(int(i), 0) for i in ids]
+
+
+class BatchLoader(DataLoader):
+    """A DataLoader over a batch sampler that still reports this rank's (largest) batch size.
+
+    With `batch_sampler=` torch sets `batch_size` to None, but Composer reads
+    `dataloader.batch_size` (the default `device_eval_microbatch_size`, checkpoint metadata).
+    """
+
+    rank_batch_size: int | None = None
+
+    @property
+    def batch_size(self) -> int | None:  # type: ignore[override]
+        return self.rank_batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int | None) -> None:
+        pass  # DataLoader.__init__ assigns None here; the real value is rank_batch_size
 
 
 def num_samples_in_batch(batch: dict[str, torch.Tensor]) -> int:
@@ -270,7 +305,7 @@ def build_dataloader(
         sampler = EvalSampler(dataset, global_batch_size, rank=rank, world_size=world_size)
 
     workers = data_cfg.num_workers
-    loader = DataLoader(
+    loader = BatchLoader(
         dataset,
         batch_sampler=sampler,
         collate_fn=collator,
@@ -279,6 +314,7 @@ def build_dataloader(
         persistent_workers=workers > 0,
         prefetch_factor=2 if workers > 0 else None,
     )
+    loader.rank_batch_size = sampler.rank_batch_size
     return DataSpec(
         loader,
         num_samples=len(base),

@@ -128,7 +128,7 @@ class BatchSchedule:
     @cached_property
     def _warmup(self) -> tuple[np.ndarray, np.ndarray]:
         """(sizes of the warm-up steps, samples before each warm-up step and after the last)."""
-        if self.warmup_samples <= 0:
+        if self.warmup_samples <= 0 or self.min_size >= self.full:
             return np.zeros(0, np.int64), np.zeros(1, np.int64)
         sizes = np.arange(self.min_size, self.full, self.min_size, dtype=np.int64)
         cum = np.cumsum(sizes)

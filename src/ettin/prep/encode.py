@@ -60,29 +60,47 @@ def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return _WORKER(texts)
 
 
-def encode_batches(
-    batches: Iterable[list[str]],
-    tokenizer_json: str,
-    cls_id: int,
-    sep_id: int,
-    num_proc: int = 1,
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """`(flat bodies uint32, body lengths)` per batch, in input order.
+class BatchEncoder:
+    """Encodes batches of texts in input order, in this process or in `num_proc` workers.
 
-    With `num_proc > 1`, a spawn-context Pool encodes batches in parallel; at most
-    `4 * num_proc` batches are in flight, so reading never runs far ahead of encoding.
+    With `num_proc > 1` a spawn-context Pool is started once and reused for every source;
+    at most `4 * num_proc` batches are in flight, so reading never runs far ahead of encoding.
+    Use as a context manager (the pool is closed on exit).
     """
-    if num_proc <= 1:
-        encoder = BodyEncoder(tokenizer_json, cls_id, sep_id)
-        for texts in batches:
-            yield encoder(texts)
-        return
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(num_proc, _init_worker, (tokenizer_json, cls_id, sep_id)) as pool:
+
+    def __init__(self, tokenizer_json: str, cls_id: int, sep_id: int, num_proc: int = 1) -> None:
+        self.num_proc = max(1, num_proc)
+        self._local: BodyEncoder | None = None
+        self._pool = None
+        if self.num_proc == 1:
+            self._local = BodyEncoder(tokenizer_json, cls_id, sep_id)
+        else:
+            ctx = mp.get_context("spawn")
+            self._pool = ctx.Pool(self.num_proc, _init_worker, (tokenizer_json, cls_id, sep_id))
+
+    def map(self, batches: Iterable[list[str]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """`(flat bodies uint32, body lengths int64)` per batch, in input order."""
+        if self._local is not None:
+            for texts in batches:
+                yield self._local(texts)
+            return
+        assert self._pool is not None
         pending: deque = deque()
         for texts in batches:
-            pending.append(pool.apply_async(_encode_in_worker, (texts,)))
-            if len(pending) >= 4 * num_proc:
+            pending.append(self._pool.apply_async(_encode_in_worker, (texts,)))
+            if len(pending) >= 4 * self.num_proc:
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+
+    def __enter__(self) -> BatchEncoder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

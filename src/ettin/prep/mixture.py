@@ -77,7 +77,7 @@ class PhaseConfig:
     val_fraction: float = 0.0
     """Share of each source's documents (by tokens) held out for validation."""
     seed: int = 42
-    """Seeds the validation split, backfill, sampling and the shard order."""
+    """Seeds backfill, sampling and the shard order."""
     min_chunk_tokens: int = 32
     """Non-first chunks shorter than this are dropped."""
     backfill_below: int = 0
@@ -132,6 +132,10 @@ class Mixture:
     """MDS shard compression (e.g. `zstd`); null keeps shards directly readable."""
     shard_size: str = "64mb"
     """Largest MDS shard file."""
+    split_seed: int = 0
+    """Seeds which documents are held out for validation. Shared by all phases, so phases over
+    the same source hold out nested sets (the same one for equal `val_fraction`): a document
+    validated in one phase is never trained on in another."""
 
     def __post_init__(self) -> None:
         if not self.phases:

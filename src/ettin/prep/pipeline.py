@@ -3,10 +3,11 @@
 For each phase of the mixture (`data_prep/*.yaml`):
 
 1. read every source's documents (`readers`) and encode them with the fast tokenizer as
-   `[CLS] body [SEP]`, batched, across `num_proc` processes, in input order (done once per
-   source and shared by the phases; the token bodies wait in a temp file, not in memory);
-2. hold out validation documents: per source, a seeded choice of whole documents holding
-   about `val_fraction` of its tokens (at least one when the source has two or more);
+   `[CLS] body [SEP]`, batched, across `num_proc` processes, in input order (`encode`; done
+   once per source and shared by the phases; the bodies wait in a temp file, not in memory);
+2. hold out validation documents: per source, a prefix of a permutation of its documents
+   (seeded by the mixture's `split_seed`, the same for every phase) holding about
+   `val_fraction` of its tokens (at least one document when the source has two or more);
 3. cut documents into chunks of at most C tokens (`chunking`);
 4. sample train chunks to the phase budget: a source with target T and A train tokens gives
    floor(T / A) full copies of its chunks plus a seeded random subset reaching the rest
@@ -39,7 +40,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ettin.prep.chunking import ChunkRules, chunk_spans
-from ettin.prep.encode import encode_batches
+from ettin.prep.encode import BatchEncoder
 from ettin.prep.errors import PrepError
 from ettin.prep.mixture import Mixture, PhaseConfig, SourceConfig, _suggest, load_mixture
 from ettin.prep.readers import read_documents
@@ -111,11 +112,8 @@ def tokenize_source(
     name: str,
     src: SourceConfig,
     work: Path,
-    tokenizer_json: str,
-    cls_id: int,
-    sep_id: int,
+    encoder: BatchEncoder,
     *,
-    num_proc: int = 1,
     verbose: bool = True,
 ) -> TokenizedSource:
     """Read and encode one source into `work/<name>.u32`; error if it has no text."""
@@ -138,7 +136,7 @@ def tokenize_source(
     seen = 0
     with open(tokens_path, "wb") as fh:
         batches = _batches(docs, ids)
-        for flat, lens in encode_batches(batches, tokenizer_json, cls_id, sep_id, num_proc):
+        for flat, lens in encoder.map(batches):
             batch_ids = ids[seen : seen + len(lens)]
             seen += len(lens)
             kept.extend(i for i, n in zip(batch_ids, lens) if n > 0)
@@ -352,7 +350,7 @@ def build_phase(
     chunks = [chunk_source(ts, rules, phase.seed, verbose) for ts in used]
     pools = []
     for ts, ch in zip(used, chunks):
-        seeded = _rng(phase.seed, _HOLDOUT, ts.name)
+        seeded = _rng(mixture.split_seed, _HOLDOUT, ts.name)
         is_val = holdout_documents(np.diff(ts.offsets), phase.val_fraction, seeded)
         pools.append((is_val, np.flatnonzero(~is_val[ch.doc]), np.flatnonzero(is_val[ch.doc])))
     available = {
@@ -391,6 +389,7 @@ def build_phase(
             "train_tokens_target": target,
         }
     stats: dict = {"phase": name, "context_length": phase.context_length, "seed": phase.seed}
+    stats["split_seed"] = mixture.split_seed
     stats["sources"] = source_stats
     stats["splits"] = {}
     for split, sel in (("train", train), ("val", val)):
@@ -496,11 +495,11 @@ def prep(
         needed = [s for s in mix.sources if any(s in mix.phases[p].mix for p in chosen)]
         tokenized: dict[str, TokenizedSource] = {}
         t0 = time.perf_counter()
-        for name in needed:
-            tokenized[name] = tokenize_source(
-                name, mix.sources[name], work / "tokens", tokenizer_json, cls_id, sep_id,
-                num_proc=num_proc, verbose=verbose,
-            )  # fmt: skip
+        with BatchEncoder(tokenizer_json, cls_id, sep_id, num_proc) as encoder:
+            for name in needed:
+                tokenized[name] = tokenize_source(
+                    name, mix.sources[name], work / "tokens", encoder, verbose=verbose
+                )
         timings["tokenize"] = time.perf_counter() - t0
         for p in chosen:
             t0 = time.perf_counter()
@@ -513,6 +512,7 @@ def prep(
                 "columns": MDS_COLUMNS,
                 "compression": mix.compression,
                 "tokenizer": {"name": tok_name, **fingerprint},
+                "split_seed": mix.split_seed,
                 "mixture": {
                     "phase": asdict(phase),
                     "sources": {s: asdict(mix.sources[s]) for s in phase.mix},
@@ -531,4 +531,3 @@ def prep(
     return PrepResult(out, stats, timings, tokens_read)
 
 
-run_prep = prep  # the name `ettin.demo` calls
