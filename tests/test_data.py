@@ -233,6 +233,7 @@ def _spec(phase, tok, objective="mlm", split="train", rank=0, world=1, **data):
 @pytest.mark.parametrize("objective", ["mlm", "clm"])
 def test_token_counts(phase, tok, objective):
     spec = _spec(phase, tok, objective)
+    assert spec.dataloader.batch_size == 8
     batch = next(iter(spec.dataloader))
     real = int((batch["input_ids"] != tok.pad_token_id).sum())
     assert spec.get_num_tokens_in_batch(batch) == real
@@ -248,9 +249,9 @@ def test_token_counts(phase, tok, objective):
 
 
 def test_eval_is_fixed_and_covers_every_sample_once(phase, tok):
-    per_rank = [
-        list(_spec(phase, tok, split="val", rank=r, world=2, batch=8).dataloader) for r in (0, 1)
-    ]
+    specs = [_spec(phase, tok, split="val", rank=r, world=2, batch=8) for r in (0, 1)]
+    assert specs[0].dataloader.batch_size == 4  # Composer's default eval microbatch reads it
+    per_rank = [list(spec.dataloader) for spec in specs]
     assert len(per_rank[0]) == len(per_rank[1]) == 3  # 21 samples: 8 + 8 + 5
     ids = np.concatenate([b["sample_id"].numpy() for r in (0, 1) for b in per_rank[r]])
     assert sorted(ids.tolist()) == list(range(21))

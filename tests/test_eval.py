@@ -35,10 +35,15 @@ from ettin.eval.choice import (
     lm_eval_model,
     pick,
 )
-from ettin.eval.classify import pool
+from ettin.eval.classify import (
+    ClassificationData,
+    classification_metrics,
+    evaluate_classification,
+    pool,
+)
 from ettin.eval.intrinsic import clm_scores, mlm_scores, perplexity
 from ettin.eval.models import EvalModel, length_batches, model_kind
-from ettin.eval.retrieval import ndcg_at_k
+from ettin.eval.retrieval import RetrievalData, ndcg_at_k, rank_passages, score_retrieval
 from ettin.eval.suite import METRIC_COLUMNS, model_origin, parse_tasks, run_suite
 from ettin.eval.tasks import (
     QUICK,
@@ -48,6 +53,7 @@ from ettin.eval.tasks import (
     read_speeches,
     split_speeches,
 )
+
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -192,6 +198,34 @@ def test_ndcg_at_10_hand_computed():
     assert ndcg_at_k(["d5", "d2", "d4"], relevance) == pytest.approx(1.0)
     assert ndcg_at_k([f"x{i}" for i in range(10)] + ["d5"], relevance) == 0.0  # rank 11 is cut off
     assert ndcg_at_k(["p3", "p1"], {"p1": 1.0}) == pytest.approx(1 / math.log2(3))
+
+
+def test_retrieval_ranks_by_cosine():
+    queries = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    passages = torch.tensor([[0.0, 2.0], [3.0, 0.1], [1.0, 0.9]])
+    assert rank_passages(queries, passages, k=2).tolist() == [[1, 2], [0, 2], [2, 1]]
+    # A bag-of-words stub (mean-pooled one-hot vectors) finds each query's own passage.
+    stub = BigramStub("decoder", WORDS)
+    data = RetrievalData(
+        [],
+        {"q0": "a b", "q1": "c d", "q2": "e f"},
+        {"p0": "f e", "p1": "b a", "p2": "d c"},
+        {"q0": {"p1": 1.0}, "q1": {"p2": 1.0}, "q2": {"p0": 1.0}},
+    )
+    assert score_retrieval(stub, data) == pytest.approx(1.0)
+
+
+def test_classification_probe_and_metrics():
+    stub = BigramStub("decoder", WORDS)
+    texts = ["a c", "a d", "b c", "b d", "a e", "b e"]
+    data = ClassificationData(texts, [0, 0, 1, 1, 0, 1], ["a f", "b f"], [0, 1], ["A", "B"])
+    assert evaluate_classification(stub, data, mode="probe", pooling="mean") == {
+        "acc": 1.0,
+        "f1": 1.0,
+    }
+    # acc 3/4; class 0: tp 1, fp 0, fn 1 -> F1 2/3; class 1: tp 2, fp 1, fn 0 -> F1 4/5.
+    metrics = classification_metrics(torch.tensor([0, 1, 1, 1]), [0, 0, 1, 1], 2)
+    assert metrics["acc"] == 0.75 and metrics["f1"] == pytest.approx((2 / 3 + 4 / 5) / 2)
 
 
 def test_pooling():

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from composer.core import Callback
 
 from ettin.model import EttinModel, ModelArgs
 
@@ -127,28 +128,18 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[EttinModel, CheckpointInfo
     return model, info
 
 
-def _run_info_callback():
-    from composer.core import Callback
+class RunInfo(Callback):
+    """Stores the model's metadata inside every Composer checkpoint (read by `read_checkpoint`)."""
 
-    class RunInfo(Callback):
-        """Stores the model's metadata inside every Composer checkpoint (read by `read_checkpoint`)."""
+    def __init__(self, info: CheckpointInfo) -> None:
+        self.info = info
 
-        def __init__(self, info: CheckpointInfo) -> None:
-            self.info = info
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model_args": dataclasses.asdict(self.info.model_args),
+            "objective": self.info.objective,
+            "tokenizer": self.info.tokenizer,
+        }
 
-        def state_dict(self) -> dict[str, Any]:
-            return {
-                "model_args": dataclasses.asdict(self.info.model_args),
-                "objective": self.info.objective,
-                "tokenizer": self.info.tokenizer,
-            }
-
-        def load_state_dict(self, state: dict[str, Any]) -> None:
-            pass  # the run's own config is the source of truth when resuming
-
-    return RunInfo
-
-
-def run_info_callback(info: CheckpointInfo):
-    """A Composer callback named `RunInfo` that writes `info` into each checkpoint."""
-    return _run_info_callback()(info)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass  # when resuming, the run's own config is the source of truth

@@ -40,8 +40,4 @@ class EttinComposerModel(ComposerModel):
         return {} if is_train else self.eval_metrics
 
     def update_metric(self, batch: Any, outputs: Any, metric: Metric) -> None:
-        logits, targets = outputs.logits.float(), outputs.targets
-        if isinstance(metric, MaskedAccuracy):
-            metric.update(logits.argmax(-1), targets)
-        else:
-            metric.update(logits, targets)
+        metric.update(outputs.logits.float(), outputs.targets)

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ettin.checkpoint import CheckpointInfo, load_weights, read_checkpoint, run_info_callback
+from ettin.checkpoint import CheckpointInfo, RunInfo, load_weights, read_checkpoint
 from ettin.config import RunConfig, load_config, to_yaml
 
 log = logging.getLogger(__name__)
@@ -54,13 +54,9 @@ def init_from_checkpoint(model, path: str) -> CheckpointInfo:
 
 
 def _loggers(cfg: RunConfig, run_dir: Path) -> list:
-    from composer.loggers import ConsoleLogger
-
     from ettin.callbacks.metrics_file import JSONLLogger
 
     loggers: list = []
-    if not cfg.logging.progress_bar:
-        loggers.append(ConsoleLogger(log_interval=cfg.logging.console_interval, log_traces=False))
     if cfg.logging.file:
         loggers.append(JSONLLogger(run_dir / "metrics.jsonl"))
     if cfg.logging.wandb_project:
@@ -85,8 +81,7 @@ def build_trainer(cfg: RunConfig):
     from composer.core import Evaluator
     from composer.utils import dist, reproducibility
 
-    from ettin.callbacks import GradNorm, HFExport, PackingEfficiency, Throughput
-    from ettin.callbacks.data_order import DataOrderRecorder
+    from ettin.callbacks import DataOrderRecorder, GradNorm, HFExport, PackingEfficiency, Throughput
     from ettin.composer_model import EttinComposerModel
     from ettin.data import build_dataloader
     from ettin.flops import flops_per_token
@@ -146,6 +141,7 @@ def build_trainer(cfg: RunConfig):
                 dataloader=eval_spec,
                 metric_names=list(composer_model.eval_metrics),
                 subset_num_batches=cfg.eval_subset_num_batches,
+                device_eval_microbatch_size=cfg.device_train_microbatch_size,
             )
         )
 
@@ -153,7 +149,7 @@ def build_trainer(cfg: RunConfig):
     scheduler = build_scheduler(cfg.scheduler)
 
     callbacks: list = [
-        run_info_callback(info),
+        RunInfo(info),
         LRMonitor(),
         Throughput(
             window=cfg.callbacks.speed_window,
@@ -205,7 +201,8 @@ def build_trainer(cfg: RunConfig):
         save_overwrite=False,
         autoresume=cfg.autoresume,
         progress_bar=cfg.logging.progress_bar,
-        log_to_console=False,
+        log_to_console=not cfg.logging.progress_bar,
+        console_log_interval=cfg.logging.console_interval,
         python_log_level=None,
         spin_dataloaders=False,
     )

@@ -2,12 +2,11 @@
 
 from composer.callbacks import LRMonitor
 
+from ettin.callbacks.data_order import DataOrderRecorder
 from ettin.callbacks.grad_norm import GradNorm
 from ettin.callbacks.hf_export import HFExport
 from ettin.callbacks.packing import PackingEfficiency
 from ettin.callbacks.speed import Throughput
 
-# The data-order recorder (data_order.py, written separately) is exported here too:
-# from ettin.callbacks.data_order import DataOrderRecorder
 
-__all__ = ["GradNorm", "HFExport", "LRMonitor", "PackingEfficiency", "Throughput"]
+__all__ = ["DataOrderRecorder", "GradNorm", "HFExport", "LRMonitor", "PackingEfficiency", "Throughput"]

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 from ettin.eval.models import ScoringModel, masked_scores, next_token_scores
 
+PAIRS_PER_CALL = 1024
+
 
 @dataclass(frozen=True)
 class ChoiceItem:
@@ -66,6 +68,12 @@ def continuation_logprobs(
 
     Decoders: causal log-likelihood. Encoders: pseudo-log-likelihood, one masked row per
     continuation token; is_greedy means every masked token was the encoder's top guess."""
+    if len(pairs) > PAIRS_PER_CALL:  # bound the rows held in memory (harness tasks are large)
+        return [
+            result
+            for first in range(0, len(pairs), PAIRS_PER_CALL)
+            for result in continuation_logprobs(model, pairs[first : first + PAIRS_PER_CALL])
+        ]
     start, end = model.start_ids, model.end_ids
     if model.kind == "decoder":
         rows: list = []

@@ -109,7 +109,8 @@ def seeded(seed: int):
 def _probe(
     train_x: Tensor, train_y: Tensor, num_labels: int, steps: int, lr: float
 ) -> tuple[nn.Linear, Tensor, Tensor]:
-    mean, std = train_x.mean(0), train_x.std(0).clamp(min=1e-6)
+    mean, std = train_x.mean(0), train_x.std(0)
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))  # constant in train: leave as is
     head = nn.Linear(train_x.shape[1], num_labels)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-2, foreach=True)
     x = (train_x - mean) / std
@@ -151,7 +152,7 @@ def evaluate_classification(
             )
             with torch.no_grad():
                 logits = head((embed_rows(model, test_rows, pooling) - mean) / std)
-            return _metrics(logits.argmax(-1), data.test_labels, num_labels)
+            return classification_metrics(logits.argmax(-1), data.test_labels, num_labels)
         with model.restored():
             head = nn.Linear(model.hidden_size, num_labels).to(model.device)
             opt = torch.optim.AdamW(
@@ -176,10 +177,13 @@ def evaluate_classification(
             with torch.no_grad():
                 features = embed_rows(model, test_rows, pooling)
                 predictions = head.cpu()(features).argmax(-1)
-        return _metrics(predictions, data.test_labels, num_labels)
+        return classification_metrics(predictions, data.test_labels, num_labels)
 
 
-def _metrics(predictions: Tensor, labels: Sequence[int], num_labels: int) -> dict[str, float]:
+def classification_metrics(
+    predictions: Tensor, labels: Sequence[int], num_labels: int
+) -> dict[str, float]:
+    """Accuracy and macro-F1 (the mean F1 of the labels that occur in labels or predictions)."""
     y = torch.tensor(list(labels), dtype=torch.long)
     acc = float((predictions == y).float().mean()) if len(y) else math.nan
     f1s = []

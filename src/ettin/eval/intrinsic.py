@@ -99,6 +99,19 @@ def chunk_tokens(streams: Sequence[Sequence[int]], length: int, count: int) -> l
     return chunks
 
 
+def tokenize_prefix(model: ScoringModel, text: str, count: int) -> list[int]:
+    """The first `count` tokens of `text` (all if fewer), tokenizing only a prefix of it: a
+    speech is ~10k tokens and the quick budget needs the first 128 of each."""
+    chars = 8 * count
+    while True:
+        ids = model.tokenize(text[:chars])
+        if chars >= len(text):
+            return ids[:count]
+        if len(ids) > count:  # the last token may be cut mid-word: it lies beyond `count`
+            return ids[:count]
+        chars *= 2
+
+
 def sample_positions(
     length: int, count: int, generator: torch.Generator, low: int = 0
 ) -> list[int]:
@@ -120,7 +133,8 @@ def evaluate_intrinsic(
 
     `texts` are held-out documents. Positions come from a generator seeded with `seed`, so two
     models with the same tokenizer are scored on exactly the same targets."""
-    streams = [model.tokenize(t) for t in texts]
+    per_text = math.ceil(num_chunks / max(len(texts), 1))
+    streams = [tokenize_prefix(model, t, per_text * seq_len) for t in texts]
     chunks = chunk_tokens(streams, seq_len, num_chunks)
     if not chunks:
         raise ValueError(f"no held-out text of at least {seq_len} tokens to score")

@@ -109,6 +109,12 @@ class EvalModel:
         from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
         kind = model_kind(source)
+        tokenizer_files = ("tokenizer.json", "tokenizer_config.json")
+        if Path(source).is_dir() and not any((Path(source) / f).is_file() for f in tokenizer_files):
+            raise FileNotFoundError(
+                f"{source}: no tokenizer files beside the model; export with a tokenizer "
+                "(`ettin export CHECKPOINT OUT --tokenizer DIR`) or save one into the folder"
+            )
         auto = AutoModelForMaskedLM if kind == "encoder" else AutoModelForCausalLM
         kwargs = {"attn_implementation": "sdpa", "dtype": torch.float32}
         if kind == "encoder":

@@ -186,11 +186,11 @@ def sentence_transformers_retrieval(
         raise ImportError(
             "retrieval on the Hub needs sentence-transformers and datasets: pip install 'ettin[eval]'"
         ) from err
-    import json
     import tempfile
-    from pathlib import Path
 
-    hidden = json.loads((Path(model_dir) / "config.json").read_text())["hidden_size"]
+    from transformers import AutoConfig
+
+    hidden = AutoConfig.from_pretrained(model_dir).hidden_size
     st = SentenceTransformer(
         modules=[
             Transformer(

@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from ettin.eval import HUB_TASKS, OFFLINE_TASKS
-from ettin.eval.bias import evaluate_bias
+from ettin.eval.bias import OCCUPATIONS, build_bias_items, evaluate_bias
 from ettin.eval.choice import DEFAULT_LM_EVAL_TASKS, evaluate_choice, run_lm_eval
 from ettin.eval.classify import evaluate_classification
 from ettin.eval.intrinsic import evaluate_intrinsic
@@ -74,7 +74,7 @@ def parse_tasks(tasks: Sequence[str] | str | None) -> list[str]:
 
 
 def model_origin(source: str | Path) -> str:
-    """ "cross" when the directory name says so (e.g. `...-cross`, `dec-from-enc`), else
+    """Return "cross" when the directory name says so (e.g. `...-cross`, `dec-from-enc`), else
     "native". Pass `origins` to `run_suite` (or `--cross` on the command line) to be explicit."""
     return "cross" if CROSS_NAME.search(Path(str(source)).name.lower()) else "native"
 
@@ -105,7 +105,7 @@ def _run_task(
         metrics = evaluate_classification(
             model,
             offline.classify,
-            mode="probe" if budget.classify_mode == "probe" else "finetune",
+            mode=budget.classify_mode,
             steps=budget.classify_steps,
             max_length=budget.seq_len,
             train_embeddings=budget.train_embeddings,
@@ -124,28 +124,26 @@ def _run_task(
         )
         return {f"retrieval_{k}": v for k, v in metrics.items()}
     if task == "bias":
-        bias_items = offline.bias if offline is not None else None
-        if bias_items is None:
-            from ettin.eval.bias import OCCUPATIONS, build_bias_items
-
+        if offline is not None:
+            bias_items = offline.bias
+        else:
             bias_items = build_bias_items(OCCUPATIONS[: budget.bias_occupations])
         return {f"bias_{k}": v for k, v in evaluate_bias(model, bias_items).items()}
     name, _, arg = task.partition(":")
     if name == "lm-eval":
         names = arg.split("+") if arg else list(DEFAULT_LM_EVAL_TASKS)
-        return run_lm_eval(model, names, limit=100 if budget is QUICK else None)
+        return run_lm_eval(model, names, limit=budget.lm_eval_limit)
     if name == "glue":
-        limit = 2000 if budget is QUICK else None
-        data = glue_task(arg, max_train=limit, max_test=limit)
+        data = glue_task(arg, max_train=budget.glue_limit, max_test=budget.glue_limit)
         steps = max(budget.classify_steps, len(data.train_texts) * 3 // 32)
-        metrics = evaluate_classification(model, data, steps=steps, batch_size=32, seed=seed)
+        metrics = evaluate_classification(
+            model, data, steps=steps, batch_size=32, lr=5e-5, seed=seed
+        )
         return {f"glue_{arg}_{k}": v for k, v in metrics.items()}
     if name == "nanobeir":
         datasets = arg.split("+") if arg else list(NANOBEIR_DEFAULT)
-        pooling = "mean" if model.kind == "encoder" else "lasttoken"
-        pairs = 10_000 if budget is QUICK else 100_000
         return sentence_transformers_retrieval(
-            str(source), pooling=pooling, train_pairs=pairs, datasets=datasets
+            str(source), train_pairs=budget.msmarco_pairs, datasets=datasets
         )
     raise ValueError(f"unknown task {task!r}")
 
@@ -261,7 +259,7 @@ def write_results(
         writer = csv.writer(f)
         writer.writerow(columns)
         for r in rows:
-            writer.writerow(["" if _missing(r.get(c)) else r.get(c) for c in columns])
+            writer.writerow(["" if _missing(r.get(c)) else _csv_value(r.get(c)) for c in columns])
     lines = [
         "| " + " | ".join(columns) + " |",
         "|"
@@ -269,9 +267,9 @@ def write_results(
         + "|",
     ]
     for r in rows:
-        lines.append(
-            "| " + " | ".join("–" if _missing(r.get(c)) else _fmt(r.get(c)) for c in columns) + " |"
-        )
+        cells = ["–" if _missing(r.get(c)) else _fmt(r.get(c)) for c in columns]
+        cells[-1] = f"{r['seconds']:.1f}" if "seconds" in r else "–"
+        lines.append("| " + " | ".join(cells) + " |")
     text = ["# Evaluation: encoders and decoders side by side", ""]
     text += lines
     text += [
@@ -291,6 +289,10 @@ def write_results(
     (out / "results.md").write_text("\n".join(text) + "\n")
     plot_results(rows, metrics, out / "results.png")
     return {"md": out / "results.md", "csv": out / "results.csv", "png": out / "results.png"}
+
+
+def _csv_value(value):
+    return round(value, 6) if isinstance(value, float) else value
 
 
 def _missing(value) -> bool:
@@ -327,6 +329,8 @@ def plot_results(rows: Sequence[Mapping], metrics: Sequence[str], path: str | Pa
                     edgecolor="black",
                     linewidth=0.5,
                 )
+        if metric.endswith(("ppl", "perplexity")):
+            ax.set_yscale("log")
         arrow = " (lower better)" if LOWER_IS_BETTER.search(metric) else ""
         ax.set_title(metric + arrow, fontsize=9)
         ax.set_xticks(range(len(rows)))

@@ -31,6 +31,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from ettin.eval.bias import OCCUPATIONS, BiasItem, build_bias_items
 from ettin.eval.choice import ChoiceItem
@@ -58,13 +59,17 @@ class Budget:
     choice_items: int = 300
     classify_train_per_class: int = 200
     classify_test_per_class: int = 60
-    classify_mode: str = "finetune"
+    classify_mode: Literal["finetune", "probe"] = "finetune"
     train_embeddings: bool = True
     classify_steps: int = 200
     retrieval_train: int = 2000
     retrieval_test: int = 300
     retrieval_steps: int = 150
     bias_occupations: int = len(OCCUPATIONS)
+    # Hub tasks: examples per lm-eval task, per GLUE split (None = all); MS MARCO triplets.
+    lm_eval_limit: int | None = None
+    glue_limit: int | None = None
+    msmarco_pairs: int = 100_000
 
 
 QUICK = Budget(
@@ -74,11 +79,14 @@ QUICK = Budget(
     train_embeddings=False,
     classify_train_per_class=40,
     classify_test_per_class=20,
-    classify_steps=30,
+    classify_steps=24,
     retrieval_train=320,
     retrieval_test=64,
     retrieval_steps=20,
     bias_occupations=6,
+    lm_eval_limit=100,
+    glue_limit=2000,
+    msmarco_pairs=10_000,
 )
 FULL = Budget()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from optimi import StableAdamW
 from torch import nn
 
@@ -40,8 +41,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> StableAdamW:
     """StableAdamW over `param_groups(model)`, weight decay scaled by lr / cfg.lr (max_lr).
 
     `kahan_sum=None` turns Kahan summation on only for bf16/fp16 parameters (off under amp_bf16,
-    whose master weights are fp32). `foreach`/`triton` are left to optimi: on CUDA it picks its
-    Triton kernels (faster than foreach, which optimi 0.3 deprecates); on CPU, a per-tensor loop.
+    whose master weights are fp32). Triton kernels on CUDA machines (faster than foreach, which
+    optimi 0.3 deprecates); a per-tensor loop on CPU. The choice is explicit because optimi's own
+    default picks Triton for a group whose parameters all lack gradients, which fails on CPU.
     """
     if len(cfg.betas) != 2:
         raise ValueError(f"optim.betas must have two values, got {cfg.betas}")
@@ -54,4 +56,5 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> StableAdamW:
         decouple_lr=True,
         max_lr=cfg.lr,
         kahan_sum=None,
+        triton=torch.cuda.is_available(),
     )

@@ -1,0 +1,465 @@
+"""Training-step speed and memory on CPU: ettin's model against Hugging Face ModernBERT, same run.
+
+    .venv/bin/python bench/bench_model.py [--sizes 17m 68m] [--objectives mlm clm]
+        [--lengths var fixed] [--var-batch 8] [--fixed-batch 2] [--repeats 3] [--json PATH]
+
+Baselines: `ModernBertForMaskedLM` (encoder, MLM) and `ModernBertDecoderForCausalLM` (decoder,
+CLM) from transformers with `attn_implementation="sdpa"`, built from `ettin.interop.hf_config`
+and loaded with `to_hf_state_dict` of our freshly initialised model: identical config and
+weights. Both sides train with `ettin.optim.build_optimizer` (StableAdamW, default OptimConfig)
+on the same batches, in fp32.
+
+A step is zero_grad + forward + loss + backward + optimizer step. Per case, one untimed warm-up
+step per side (its two losses must agree: this checks that the two models compute the same
+thing), one memory step per side, then `--repeats` timed pairs, ours and HF back to back on the
+same batch, the order alternating between pairs. Each pair gives a ratio HF time / our time; the
+median of these ratios is the figure reported, so that a noisy, shared machine slows both sides
+alike. tokens/s counts real (non-pad) tokens for both sides.
+
+Lengths: `var` draws each sequence length from the shards at `--shards` when that split exists
+(`make prep-data`), otherwise from a seeded log-normal (median 128, sigma 1.2, clipped to
+[32, 1024]; mean ~262 tokens), padded to the longest in the batch as the ettin collator does.
+`fixed` is every sequence at 1024 tokens (no padding): the gain there comes only from the
+model itself, not from unpadding. Token ids are random ordinary ids inside [CLS] ... [SEP];
+MLM masks come from `ettin.objectives.mlm_mask` (p = 0.3).
+
+Memory: the peak resident memory one training step adds, in the same process. Before the step,
+garbage is collected and `malloc_trim(0)` returns freed heap pages to the OS, the resident size
+is read and Linux's peak counter (VmHWM) is reset by writing 5 to /proc/self/clear_refs; after
+it, peak - start is what the step needed (activations, gradients, logits, temporaries; the
+weights and optimizer state already exist). Not available off Linux (reported as n/a).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SEQ = 1024
+MLM_P = 0.3
+LOGNORMAL = dict(median=128, sigma=1.2, low=32, high=SEQ)
+DEFAULT_SHARDS = "data/sotu/pretrain/train"
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+class StepMemory:
+    """Peak resident bytes added by a block of code, from Linux's VmHWM (None elsewhere)."""
+
+    def __init__(self) -> None:
+        self._libc = None
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self._libc = ctypes.CDLL("libc.so.6")
+        except OSError:
+            pass
+        self.available = self._libc is not None
+        self._base = 0
+
+    @staticmethod
+    def _status(key: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024  # kB
+        raise RuntimeError(f"{key} missing from /proc/self/status")
+
+    def start(self) -> None:
+        if not self.available:
+            return
+        gc.collect()
+        self._libc.malloc_trim(0)  # freed heap pages back to the OS, so RSS ~ live memory
+        self._base = self._status("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS
+
+    def stop(self) -> int | None:
+        return self._status("VmHWM") - self._base if self.available else None
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def shard_lengths(split_dir: Path, limit: int = 50_000) -> np.ndarray:
+    """Token counts of the first `limit` samples of an MDS split written by `ettin prep`."""
+    from streaming.base.format import reader_from_json
+
+    from ettin.data.dataset import INPUT_IDS, read_index
+
+    lengths: list[int] = []
+    for info in read_index(split_dir)["shards"]:
+        shard = reader_from_json(str(split_dir.parent), split_dir.name, info)
+        for row in range(shard.samples):
+            lengths.append(len(shard.get_item(row)[INPUT_IDS]))
+            if len(lengths) >= limit:
+                return np.asarray(lengths)
+    return np.asarray(lengths)
+
+
+class LengthSampler:
+    """Sequence lengths for the `var` batches: from shards if present, else a seeded log-normal."""
+
+    def __init__(self, shards: str | None, seed: int = 0) -> None:
+        self.rng = np.random.default_rng(seed)
+        split = Path(shards) if shards else None
+        self.pool = None
+        if split is not None and (split / "index.json").exists():
+            pool = np.minimum(shard_lengths(split), SEQ)
+            if len(pool):
+                self.pool = pool
+        if self.pool is not None:
+            self.name = f"shards {split} ({len(self.pool)} samples)"
+            self.mean = float(self.pool.mean())
+        else:
+            ln = LOGNORMAL
+            self.name = f"log-normal(median {ln['median']}, sigma {ln['sigma']}) in [{ln['low']}, {ln['high']}]"
+            self.mean = float(self._lognormal(np.random.default_rng(12345), 1_000_000).mean())
+
+    def _lognormal(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        ln = LOGNORMAL
+        x = rng.lognormal(np.log(ln["median"]), ln["sigma"], n)
+        return np.clip(np.rint(x), ln["low"], ln["high"]).astype(np.int64)
+
+    def draw(self, n: int) -> np.ndarray:
+        if self.pool is not None:
+            return self.rng.choice(self.pool, size=n)
+        return self._lognormal(self.rng, n)
+
+
+def make_batches(
+    tokenizer, objective: str, lengths: list[np.ndarray], seed: int = 0
+) -> list[dict[str, torch.Tensor]]:
+    """Padded batches (ettin collator) of random ordinary tokens inside [CLS] ... [SEP]."""
+    from ettin.data.collate import Collator, MaskSpec
+    from ettin.objectives import token_sets
+
+    special, ordinary = token_sets(tokenizer)
+    mlm = None
+    if objective == "mlm":
+        mlm = MaskSpec(
+            p=MLM_P,
+            seed=seed,
+            mask_id=tokenizer.mask_token_id,
+            special_ids=special,
+            ordinary_ids=ordinary,
+        )
+    collate = Collator(pad_id=tokenizer.pad_token_id, max_seq_len=SEQ, mlm=mlm)
+    rng = np.random.default_rng(seed)
+    batches, sid = [], 0
+    for row_lengths in lengths:
+        items = []
+        for n in row_lengths:
+            body = rng.choice(ordinary, size=int(n) - 2)
+            ids = np.concatenate([[tokenizer.cls_token_id], body, [tokenizer.sep_token_id]])
+            items.append((sid, 0, ids.astype(np.int64)))
+            sid += 1
+        batch = collate(items)
+        batches.append({k: batch[k] for k in ("input_ids", "attention_mask", "labels") if k in batch})
+    return batches
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def cpu_optimizer(model: torch.nn.Module):
+    """`build_optimizer` (StableAdamW, default OptimConfig), on optimi's per-tensor CPU path.
+
+    optimi 0.3.3 decides `triton` from an empty parameter list when triton is importable (CUDA
+    builds of torch ship it), so on a CPU it would launch Triton kernels and fail; both sides get
+    the per-tensor loop the docs promise on CPU.
+    """
+    from ettin.config import OptimConfig
+    from ettin.optim import build_optimizer
+
+    opt = build_optimizer(model, OptimConfig())
+    for group in opt.param_groups:
+        if group.get("triton") is None:
+            group["triton"] = False
+    return opt
+
+
+@dataclass
+class Side:
+    name: str
+    model: torch.nn.Module
+    step: Callable[[dict[str, torch.Tensor]], float]
+
+
+def build_sides(size: str, objective: str, tokenizer) -> tuple[Side, Side]:
+    """Our model and the HF one with the same config and weights, each with its optimizer."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    from ettin.interop import hf_config, to_hf_state_dict
+    from ettin.model import EttinModel, model_args
+
+    causal = objective == "clm"
+    args = model_args(size, causal=causal, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    ours = EttinModel(args).train()
+    ours.attn_impl = "torch"
+    auto = AutoModelForCausalLM if causal else AutoModelForMaskedLM
+    hf = auto.from_config(hf_config(args, tokenizer), attn_implementation="sdpa")
+    hf.load_state_dict(to_hf_state_dict(ours), strict=True)
+    hf.train()
+    opt_ours, opt_hf = cpu_optimizer(ours), cpu_optimizer(hf)
+
+    def step_ours(batch: dict[str, torch.Tensor]) -> float:
+        opt_ours.zero_grad(set_to_none=True)
+        loss = ours(batch["input_ids"], batch["attention_mask"], batch.get("labels")).loss
+        loss.backward()
+        opt_ours.step()
+        return loss.item()
+
+    def step_hf(batch: dict[str, torch.Tensor]) -> float:
+        opt_hf.zero_grad(set_to_none=True)
+        mask = batch["attention_mask"]
+        if causal:  # HF shifts labels itself; padding is ignored through -100
+            labels = batch["input_ids"].masked_fill(mask == 0, -100)
+            out = hf(input_ids=batch["input_ids"], attention_mask=mask, labels=labels, use_cache=False)
+        else:
+            out = hf(input_ids=batch["input_ids"], attention_mask=mask, labels=batch["labels"])
+        out.loss.backward()
+        opt_hf.step()
+        return out.loss.item()
+
+    return Side("ours", ours, step_ours), Side("hf", hf, step_hf)
+
+
+# ----------------------------------------------------------------------------- one case
+
+
+@dataclass
+class CaseResult:
+    size: str
+    objective: str
+    lengths: str
+    batch: int
+    tokens: float  # mean real tokens per step
+    fill: float  # real tokens / cells of the padded batch
+    ours_tok_s: float
+    hf_tok_s: float
+    speed_ratio: float  # median over pairs of HF time / our time
+    speed_ratio_min: float
+    speed_ratio_max: float
+    ours_mem_mb: float | None
+    hf_mem_mb: float | None
+    mem_ratio: float | None  # ours / HF
+    loss_diff: float  # |ours - HF| loss of the first (identical) step
+
+
+def run_case(
+    size: str,
+    objective: str,
+    dist: str,
+    batch_size: int,
+    repeats: int,
+    tokenizer,
+    sampler: LengthSampler,
+    memory: StepMemory,
+    log: Callable[[str], None],
+) -> CaseResult:
+    if dist == "var":
+        lengths = [sampler.draw(batch_size) for _ in range(repeats + 1)]
+    else:
+        lengths = [np.full(batch_size, SEQ) for _ in range(repeats + 1)]
+    batches = make_batches(tokenizer, objective, lengths)
+    ours, hf = build_sides(size, objective, tokenizer)
+
+    first = batches[0]  # warm-up (allocates optimizer state), then memory on the same batch
+    loss_diff = abs(ours.step(first) - hf.step(first))
+    mem = {}
+    for side in (ours, hf):
+        memory.start()
+        side.step(first)
+        mem[side.name] = memory.stop()
+
+    times: dict[str, list[float]] = {"ours": [], "hf": []}
+    real = [int((b["attention_mask"] != 0).sum()) for b in batches[1:]]
+    for i, batch in enumerate(batches[1:]):
+        order = (ours, hf) if i % 2 == 0 else (hf, ours)
+        for side in order:
+            gc.collect()
+            t0 = time.perf_counter()
+            side.step(batch)
+            times[side.name].append(time.perf_counter() - t0)
+        log(
+            f"  pair {i + 1}/{repeats}: {real[i]} tokens, ours {times['ours'][-1]:.2f}s, "
+            f"HF {times['hf'][-1]:.2f}s"
+        )
+    ratios = [h / o for h, o in zip(times["hf"], times["ours"])]
+    cells = sum(b["attention_mask"].numel() for b in batches[1:])
+    mb = {k: (v / 2**20 if v is not None else None) for k, v in mem.items()}
+    mem_ratio = mem["ours"] / mem["hf"] if mem["ours"] is not None and mem["hf"] else None
+    return CaseResult(
+        size=size,
+        objective=objective,
+        lengths=dist,
+        batch=batch_size,
+        tokens=float(np.mean(real)),
+        fill=sum(real) / cells,
+        ours_tok_s=statistics.median(n / t for n, t in zip(real, times["ours"])),
+        hf_tok_s=statistics.median(n / t for n, t in zip(real, times["hf"])),
+        speed_ratio=statistics.median(ratios),
+        speed_ratio_min=min(ratios),
+        speed_ratio_max=max(ratios),
+        ours_mem_mb=mb["ours"],
+        hf_mem_mb=mb["hf"],
+        mem_ratio=mem_ratio,
+        loss_diff=loss_diff,
+    )
+
+
+# ----------------------------------------------------------------------------- profile
+
+
+def profile_case(size: str, objective: str, dist: str, batch_size: int, tokenizer, sampler):
+    """Top operators (self CPU time) of one step of each side, after a warm-up step."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    lengths = sampler.draw(batch_size) if dist == "var" else np.full(batch_size, SEQ)
+    (batch,) = make_batches(tokenizer, objective, [lengths])
+    for side in build_sides(size, objective, tokenizer):
+        side.step(batch)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            with record_function(f"{side.name}_step"):
+                side.step(batch)
+        print(f"\n== profile: {side.name}, {size} {objective} {dist} batch {batch_size}")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def environment() -> dict[str, str]:
+    import transformers
+
+    try:
+        import optimi
+
+        optimi_version = optimi.__version__
+    except (ImportError, AttributeError):
+        optimi_version = "?"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "cpu": f"{cpu}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}",
+        "load": " ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "optimi": optimi_version,
+    }
+
+
+def _mem(x: float | None) -> str:
+    return f"{x:,.0f}" if x is not None else "n/a"
+
+
+def print_table(results: list[CaseResult]) -> None:
+    head = (
+        f"{'size':>5} {'obj':>4} {'lengths':>7} {'B':>2} {'tokens':>6} {'fill':>5} "
+        f"{'ours tok/s':>10} {'HF tok/s':>9} {'ours/HF speed':>19} "
+        f"{'step MB ours':>12} {'HF':>7} {'ours/HF mem':>11} {'|dloss|':>8}"
+    )
+    print(head)
+    for r in results:
+        spread = f"({r.speed_ratio_min:.2f}-{r.speed_ratio_max:.2f})"
+        mem_ratio = f"{r.mem_ratio:.2f}x" if r.mem_ratio is not None else "n/a"
+        print(
+            f"{r.size:>5} {r.objective:>4} {r.lengths:>7} {r.batch:>2} {r.tokens:>6.0f} "
+            f"{r.fill:>5.2f} {r.ours_tok_s:>10,.0f} {r.hf_tok_s:>9,.0f} "
+            f"{r.speed_ratio:>6.2f}x {spread:>12} {_mem(r.ours_mem_mb):>12} "
+            f"{_mem(r.hf_mem_mb):>7} {mem_ratio:>11} {r.loss_diff:>8.1e}"
+        )
+
+
+def main(argv: list[str] | None = None) -> list[CaseResult]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", nargs="+", default=["17m", "68m"])
+    parser.add_argument("--objectives", nargs="+", default=["mlm", "clm"], choices=["mlm", "clm"])
+    parser.add_argument("--lengths", nargs="+", default=["var", "fixed"], choices=["var", "fixed"])
+    parser.add_argument("--var-batch", type=int, default=8, help="sequences per var batch")
+    parser.add_argument("--fixed-batch", type=int, default=2, help="1024-token rows per batch")
+    parser.add_argument("--repeats", type=int, default=3, help="timed pairs per case")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--shards", default=DEFAULT_SHARDS, help="MDS split for var lengths")
+    parser.add_argument("--json", help="also write the results and environment here")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of timing, print the top operators of one step per side (first size, "
+        "objective and lengths given)",
+    )
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from ettin.prep.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer("ettin")  # offline rebuild; ids always come from it
+    sampler = LengthSampler(args.shards)
+    if args.profile:
+        dist = args.lengths[0]
+        batch = args.var_batch if dist == "var" else args.fixed_batch
+        profile_case(args.sizes[0], args.objectives[0], dist, batch, tokenizer, sampler)
+        return []
+
+    env = environment()
+    memory = StepMemory()
+    print(f"bench_model: {env['cpu']}; load {env['load']}; torch {env['torch']}, "
+          f"transformers {env['transformers']}, optimi {env['optimi']}")
+    print(f"var lengths: {sampler.name}, mean {sampler.mean:.0f} tokens, padded to the longest; "
+          f"fixed: {SEQ} tokens. fp32, StableAdamW, HF attn sdpa.")
+    results = []
+    t_all = time.perf_counter()
+    for size in args.sizes:
+        for objective in args.objectives:
+            for dist in args.lengths:
+                batch = args.var_batch if dist == "var" else args.fixed_batch
+                t0 = time.perf_counter()
+                print(f"{size} {objective} {dist} (batch {batch}):", flush=True)
+                r = run_case(
+                    size, objective, dist, batch, args.repeats, tokenizer, sampler, memory,
+                    lambda s: print(s, flush=True),
+                )
+                print(f"  -> ours/HF {r.speed_ratio:.2f}x, {time.perf_counter() - t0:.0f}s",
+                      flush=True)
+                results.append(r)
+                gc.collect()
+    print(f"\nratios are medians of {args.repeats} interleaved pairs (min-max in brackets); "
+          f"step MB = peak resident memory a training step adds; total {time.perf_counter() - t_all:.0f}s")
+    print_table(results)
+    if args.json:
+        payload = {
+            "environment": env,
+            "lengths": {"source": sampler.name, "mean": sampler.mean},
+            "settings": vars(args),
+            "results": [asdict(r) for r in results],
+        }
+        Path(args.json).write_text(json.dumps(payload, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
