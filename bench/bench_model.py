@@ -16,9 +16,11 @@ same batch, the order alternating between pairs. Each pair gives a ratio HF time
 median of these ratios is the figure reported, so that a noisy, shared machine slows both sides
 alike. tokens/s counts real (non-pad) tokens for both sides.
 
-Lengths: `var` draws each sequence length from the shards at `--shards` when that split exists
-(`make prep-data`), otherwise from a seeded log-normal (median 128, sigma 1.2, clipped to
-[32, 1024]; mean ~262 tokens), padded to the longest in the batch as the ettin collator does.
+Lengths: `var` draws each sequence length from a seeded log-normal (median 128, sigma 1.2,
+clipped to [32, 1024]; mean 229 tokens), or with `--shards DIR` from the samples of an MDS split
+(e.g. data/sotu/pretrain/train after `make prep-data`; the bundled speeches are long, so nearly
+all its chunks are full 1024-token ones, which is why it is not the default). Batches are padded
+to the longest sequence, as the ettin collator does.
 `fixed` is every sequence at 1024 tokens (no padding): the gain there comes only from the
 model itself, not from unpadding. Token ids are random ordinary ids inside [CLS] ... [SEP];
 MLM masks come from `ettin.objectives.mlm_mask` (p = 0.3).
@@ -51,7 +53,6 @@ import torch
 SEQ = 1024
 MLM_P = 0.3
 LOGNORMAL = dict(median=128, sigma=1.2, low=32, high=SEQ)
-DEFAULT_SHARDS = "data/sotu/pretrain/train"
 
 
 # ----------------------------------------------------------------------------- memory
@@ -169,7 +170,9 @@ def make_batches(
             items.append((sid, 0, ids.astype(np.int64)))
             sid += 1
         batch = collate(items)
-        batches.append({k: batch[k] for k in ("input_ids", "attention_mask", "labels") if k in batch})
+        batches.append(
+            {k: batch[k] for k in ("input_ids", "attention_mask", "labels") if k in batch}
+        )
     return batches
 
 
@@ -230,7 +233,9 @@ def build_sides(size: str, objective: str, tokenizer) -> tuple[Side, Side]:
         mask = batch["attention_mask"]
         if causal:  # HF shifts labels itself; padding is ignored through -100
             labels = batch["input_ids"].masked_fill(mask == 0, -100)
-            out = hf(input_ids=batch["input_ids"], attention_mask=mask, labels=labels, use_cache=False)
+            out = hf(
+                input_ids=batch["input_ids"], attention_mask=mask, labels=labels, use_cache=False
+            )
         else:
             out = hf(input_ids=batch["input_ids"], attention_mask=mask, labels=batch["labels"])
         out.loss.backward()
@@ -256,6 +261,7 @@ class CaseResult:
     speed_ratio: float  # median over pairs of HF time / our time
     speed_ratio_min: float
     speed_ratio_max: float
+    cpu_ratio: float  # the same from process CPU time (less sensitive to other processes)
     ours_mem_mb: float | None
     hf_mem_mb: float | None
     mem_ratio: float | None  # ours / HF
@@ -280,28 +286,33 @@ def run_case(
     batches = make_batches(tokenizer, objective, lengths)
     ours, hf = build_sides(size, objective, tokenizer)
 
-    first = batches[0]  # warm-up (allocates optimizer state), then memory on the same batch
-    loss_diff = abs(ours.step(first) - hf.step(first))
+    # Warm-up on a small padded batch: optimizer state, lazy initialisations; the two losses
+    # of this first step come from identical weights and must agree.
+    (warm,) = make_batches(tokenizer, objective, [np.array([96, 64])], seed=1)
+    loss_diff = abs(ours.step(warm) - hf.step(warm))
     mem = {}
-    for side in (ours, hf):
+    for side in (ours, hf):  # memory on the first full batch, not timed
         memory.start()
-        side.step(first)
+        side.step(batches[0])
         mem[side.name] = memory.stop()
 
     times: dict[str, list[float]] = {"ours": [], "hf": []}
+    cpu: dict[str, list[float]] = {"ours": [], "hf": []}
     real = [int((b["attention_mask"] != 0).sum()) for b in batches[1:]]
     for i, batch in enumerate(batches[1:]):
         order = (ours, hf) if i % 2 == 0 else (hf, ours)
         for side in order:
             gc.collect()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             side.step(batch)
             times[side.name].append(time.perf_counter() - t0)
+            cpu[side.name].append(time.process_time() - c0)
         log(
             f"  pair {i + 1}/{repeats}: {real[i]} tokens, ours {times['ours'][-1]:.2f}s, "
             f"HF {times['hf'][-1]:.2f}s"
         )
     ratios = [h / o for h, o in zip(times["hf"], times["ours"])]
+    cpu_ratios = [h / o for h, o in zip(cpu["hf"], cpu["ours"])]
     cells = sum(b["attention_mask"].numel() for b in batches[1:])
     mb = {k: (v / 2**20 if v is not None else None) for k, v in mem.items()}
     mem_ratio = mem["ours"] / mem["hf"] if mem["ours"] is not None and mem["hf"] else None
@@ -317,6 +328,7 @@ def run_case(
         speed_ratio=statistics.median(ratios),
         speed_ratio_min=min(ratios),
         speed_ratio_max=max(ratios),
+        cpu_ratio=statistics.median(cpu_ratios),
         ours_mem_mb=mb["ours"],
         hf_mem_mb=mb["hf"],
         mem_ratio=mem_ratio,
@@ -378,8 +390,8 @@ def _mem(x: float | None) -> str:
 def print_table(results: list[CaseResult]) -> None:
     head = (
         f"{'size':>5} {'obj':>4} {'lengths':>7} {'B':>2} {'tokens':>6} {'fill':>5} "
-        f"{'ours tok/s':>10} {'HF tok/s':>9} {'ours/HF speed':>19} "
-        f"{'step MB ours':>12} {'HF':>7} {'ours/HF mem':>11} {'|dloss|':>8}"
+        f"{'ours tok/s':>10} {'HF tok/s':>9} {'ours/HF wall (min-max)':>23} {'cpu':>6} "
+        f"{'step MB ours':>12} {'HF':>7} {'mem ours/HF':>11} {'|dloss|':>8}"
     )
     print(head)
     for r in results:
@@ -388,8 +400,8 @@ def print_table(results: list[CaseResult]) -> None:
         print(
             f"{r.size:>5} {r.objective:>4} {r.lengths:>7} {r.batch:>2} {r.tokens:>6.0f} "
             f"{r.fill:>5.2f} {r.ours_tok_s:>10,.0f} {r.hf_tok_s:>9,.0f} "
-            f"{r.speed_ratio:>6.2f}x {spread:>12} {_mem(r.ours_mem_mb):>12} "
-            f"{_mem(r.hf_mem_mb):>7} {mem_ratio:>11} {r.loss_diff:>8.1e}"
+            f"{r.speed_ratio:>9.2f}x {spread:>13} {r.cpu_ratio:>5.2f}x "
+            f"{_mem(r.ours_mem_mb):>12} {_mem(r.hf_mem_mb):>7} {mem_ratio:>11} {r.loss_diff:>8.1e}"
         )
 
 
@@ -404,7 +416,7 @@ def main(argv: list[str] | None = None) -> list[CaseResult]:
     parser.add_argument("--fixed-batch", type=int, default=2, help="1024-token rows per batch")
     parser.add_argument("--repeats", type=int, default=3, help="timed pairs per case")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    parser.add_argument("--shards", default=DEFAULT_SHARDS, help="MDS split for var lengths")
+    parser.add_argument("--shards", help="draw var lengths from this MDS split's samples")
     parser.add_argument("--json", help="also write the results and environment here")
     parser.add_argument(
         "--profile",
@@ -427,10 +439,14 @@ def main(argv: list[str] | None = None) -> list[CaseResult]:
 
     env = environment()
     memory = StepMemory()
-    print(f"bench_model: {env['cpu']}; load {env['load']}; torch {env['torch']}, "
-          f"transformers {env['transformers']}, optimi {env['optimi']}")
-    print(f"var lengths: {sampler.name}, mean {sampler.mean:.0f} tokens, padded to the longest; "
-          f"fixed: {SEQ} tokens. fp32, StableAdamW, HF attn sdpa.")
+    print(
+        f"bench_model: {env['cpu']}; load {env['load']}; torch {env['torch']}, "
+        f"transformers {env['transformers']}, optimi {env['optimi']}"
+    )
+    print(
+        f"var lengths: {sampler.name}, mean {sampler.mean:.0f} tokens, padded to the longest; "
+        f"fixed: {SEQ} tokens. fp32, StableAdamW, HF attn sdpa."
+    )
     results = []
     t_all = time.perf_counter()
     for size in args.sizes:
@@ -440,15 +456,26 @@ def main(argv: list[str] | None = None) -> list[CaseResult]:
                 t0 = time.perf_counter()
                 print(f"{size} {objective} {dist} (batch {batch}):", flush=True)
                 r = run_case(
-                    size, objective, dist, batch, args.repeats, tokenizer, sampler, memory,
+                    size,
+                    objective,
+                    dist,
+                    batch,
+                    args.repeats,
+                    tokenizer,
+                    sampler,
+                    memory,
                     lambda s: print(s, flush=True),
                 )
-                print(f"  -> ours/HF {r.speed_ratio:.2f}x, {time.perf_counter() - t0:.0f}s",
-                      flush=True)
+                print(
+                    f"  -> ours/HF {r.speed_ratio:.2f}x, {time.perf_counter() - t0:.0f}s",
+                    flush=True,
+                )
                 results.append(r)
                 gc.collect()
-    print(f"\nratios are medians of {args.repeats} interleaved pairs (min-max in brackets); "
-          f"step MB = peak resident memory a training step adds; total {time.perf_counter() - t_all:.0f}s")
+    print(
+        f"\nratios are medians of {args.repeats} interleaved pairs (min-max in brackets); "
+        f"step MB = peak resident memory a training step adds; total {time.perf_counter() - t_all:.0f}s"
+    )
     print_table(results)
     if args.json:
         payload = {

@@ -444,6 +444,8 @@ def test_cli_runs_the_bias_task(hf_models, tmp_path, capsys):
             "--out",
             str(tmp_path),
             "--quick",
+            "--threads",
+            "1",
         ]
     )
     assert "results.md" in capsys.readouterr().out

@@ -28,6 +28,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         seed=args.seed,
         device=args.device,
         origins=origins,
+        threads=args.threads,
     )
     print(f"wrote {args.out}/results.md, results.csv and results.png ({len(rows)} models)")
 
@@ -67,4 +68,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="seed for data construction and fine-tuning")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.add_argument(
+        "--threads", type=int, help="torch CPU threads (1 is often fastest on a shared CPU)"
+    )
     p.set_defaults(func=cmd_eval)

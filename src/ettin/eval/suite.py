@@ -25,8 +25,10 @@ import gc
 import math
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
+
+import torch
 
 from ettin.eval import HUB_TASKS, OFFLINE_TASKS
 from ettin.eval.bias import OCCUPATIONS, build_bias_items, evaluate_bias
@@ -107,7 +109,7 @@ def _run_task(
             offline.classify,
             mode=budget.classify_mode,
             steps=budget.classify_steps,
-            max_length=budget.seq_len,
+            max_length=budget.text_len,
             train_embeddings=budget.train_embeddings,
             seed=seed,
         )
@@ -118,7 +120,7 @@ def _run_task(
             model,
             offline.retrieval,
             steps=budget.retrieval_steps,
-            max_length=budget.seq_len,
+            max_length=budget.text_len,
             train_embeddings=budget.train_embeddings,
             seed=seed,
         )
@@ -158,6 +160,8 @@ def run_suite(
     seed: int = 0,
     device: str | None = None,
     origins: Mapping[str, str] | None = None,
+    threads: int | None = None,
+    heldout: Collection[str] | None = None,
     log: Callable[[str], None] = print,
 ) -> list[dict]:
     """Evaluate every model on every task; write results.md/.csv/.png into `out_dir`.
@@ -165,7 +169,10 @@ def run_suite(
     `model_dirs`: exported HF directories (or Hub names with network access). `corpus_dir`:
     the speeches folder for the offline tasks (unused if only bias / Hub tasks run). `quick`:
     the small budget of `tasks.QUICK` (the demo). `origins`: model name or path -> "native" /
-    "cross", overriding `model_origin`. Returns one dict per model (see the module table)."""
+    "cross", overriding `model_origin`. `threads`: torch CPU threads while evaluating (restored
+    after); 1 is often fastest for small models on a CPU shared with other processes. `heldout`:
+    the speech file names to score on (e.g. a prepared validation split's documents).
+    Returns one dict per model (see the module table)."""
     task_list = parse_tasks(tasks)
     budget = QUICK if quick else FULL
     needs_corpus = any(t in ("intrinsic", "choice", "classify", "retrieval") for t in task_list)
@@ -173,37 +180,53 @@ def run_suite(
     if needs_corpus:
         if corpus_dir is None:
             raise ValueError("the offline tasks need a corpus folder (--corpus)")
-        offline = build_offline_tasks(corpus_dir, budget, seed)
+        offline = build_offline_tasks(corpus_dir, budget, seed, heldout)
         log("eval data: " + "; ".join(f"{k}: {v}" for k, v in offline.counts.items()))
     rows = []
-    for source in model_dirs:
-        started = time.perf_counter()
-        model = EvalModel.load(source, device=device)
-        origin = (
-            (origins or {}).get(model.name)
-            or (origins or {}).get(str(source))
-            or model_origin(source)
-        )
-        row: dict = {
-            "model": model.name,
-            "kind": model.kind,
-            "origin": origin,
-            "params": model.num_parameters(),
-        }
-        for task in task_list:
-            t0 = time.perf_counter()
-            metrics = _run_task(task, model, source, offline, budget, seed)
-            row.update(metrics)
-            shown = ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
-            log(
-                f"eval {model.name} [{model.kind}] {task}: {shown} ({time.perf_counter() - t0:.1f}s)"
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        for source in model_dirs:
+            rows.append(
+                _evaluate_model(source, task_list, offline, budget, seed, device, origins, log)
             )
-        row["seconds"] = round(time.perf_counter() - started, 1)
-        rows.append(row)
-        del model
-        gc.collect()
+    finally:
+        torch.set_num_threads(previous_threads)
     write_results(rows, out_dir, notes=offline.counts if offline else None, quick=quick)
     return rows
+
+
+def _evaluate_model(
+    source: str | Path,
+    task_list: Sequence[str],
+    offline: OfflineTasks | None,
+    budget: Budget,
+    seed: int,
+    device: str | None,
+    origins: Mapping[str, str] | None,
+    log: Callable[[str], None],
+) -> dict:
+    started = time.perf_counter()
+    model = EvalModel.load(source, device=device)
+    origins = origins or {}
+    origin = origins.get(model.name) or origins.get(str(source)) or model_origin(source)
+    row: dict = {
+        "model": model.name,
+        "kind": model.kind,
+        "origin": origin,
+        "params": model.num_parameters(),
+    }
+    for task in task_list:
+        t0 = time.perf_counter()
+        metrics = _run_task(task, model, source, offline, budget, seed)
+        row.update(metrics)
+        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
+        log(f"eval {model.name} [{model.kind}] {task}: {shown} ({time.perf_counter() - t0:.1f}s)")
+    row["seconds"] = round(time.perf_counter() - started, 1)
+    del model
+    gc.collect()
+    return row
 
 
 # --------------------------------------------------------------------------- outputs
@@ -329,8 +352,9 @@ def plot_results(rows: Sequence[Mapping], metrics: Sequence[str], path: str | Pa
                     edgecolor="black",
                     linewidth=0.5,
                 )
-        if metric.endswith(("ppl", "perplexity")):
+        if metric.endswith(("ppl", "perplexity")):  # bars from 1: height = log ppl = CE
             ax.set_yscale("log")
+            ax.set_ylim(1, 2 * max([v for v in values if not math.isnan(v)], default=1))
         arrow = " (lower better)" if LOWER_IS_BETTER.search(metric) else ""
         ax.set_title(metric + arrow, fontsize=9)
         ax.set_xticks(range(len(rows)))

@@ -28,7 +28,7 @@ from __future__ import annotations
 import random
 import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -53,7 +53,8 @@ SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]?[A-Z0-9])")
 class Budget:
     """How much of each task to build and run (`QUICK` for the demo, `FULL` otherwise)."""
 
-    seq_len: int = 128
+    seq_len: int = 128  # intrinsic chunk length
+    text_len: int = 128  # classify / retrieval inputs are cut to this many tokens
     intrinsic_chunks: int = 128
     clm_positions: int = 32
     choice_items: int = 300
@@ -73,6 +74,7 @@ class Budget:
 
 
 QUICK = Budget(
+    text_len=64,
     intrinsic_chunks=24,
     clm_positions=8,
     choice_items=32,
@@ -139,8 +141,20 @@ def read_speeches(corpus_dir: str | Path) -> list[Speech]:
     return speeches
 
 
-def split_speeches(speeches: Sequence[Speech], every: int = 4) -> tuple[list[Speech], list[Speech]]:
-    """(train, held-out): per era, every `every`-th speech is held out (at least one of two+)."""
+def split_speeches(
+    speeches: Sequence[Speech], every: int = 4, heldout: Collection[str] | None = None
+) -> tuple[list[Speech], list[Speech]]:
+    """(train, held-out): per era, every `every`-th speech is held out (at least one of two+).
+
+    `heldout` (file names, e.g. the documents of a prepared validation split) replaces the rule,
+    so that models are scored only on speeches they never trained on.
+    """
+    if heldout is not None:
+        names = set(heldout)
+        ordered = sorted(speeches, key=lambda s: (s.year, s.path.name))
+        return [s for s in ordered if s.path.name not in names], [
+            s for s in ordered if s.path.name in names
+        ]
     by_era: dict[str, list[Speech]] = defaultdict(list)
     for s in sorted(speeches, key=lambda s: (s.year, s.path.name)):
         by_era[s.era].append(s)
@@ -285,10 +299,13 @@ def build_retrieval(
 
 
 def build_offline_tasks(
-    corpus_dir: str | Path, budget: Budget = FULL, seed: int = 0
+    corpus_dir: str | Path,
+    budget: Budget = FULL,
+    seed: int = 0,
+    heldout: Collection[str] | None = None,
 ) -> OfflineTasks:
     """All offline tasks from the speeches in `corpus_dir` (deterministic for a given seed)."""
-    train, test = split_speeches(read_speeches(corpus_dir))
+    train, test = split_speeches(read_speeches(corpus_dir), heldout=heldout)
     if not train or not test:
         raise ValueError(f"{corpus_dir}: need at least two speeches in one era to hold one out")
     choice = build_choice(test, budget.choice_items, random.Random(seed))
