@@ -111,6 +111,7 @@ def bench_backends(size, objective, device, dtype, smoke, repeats, log) -> list[
 
     model = _build(size, objective, device, smoke)
     vocab = model.args.vocab_size
+    size = "test (smoke)" if smoke else size
     sampler = LengthSampler(None)
     settings = {
         "1024 var x32": lambda i: [int(n) for n in sampler.draw(4 if smoke else 32)],
@@ -191,6 +192,7 @@ def bench_throughput(
 
     model = _build(size, objective, device, smoke)
     model.attn_impl = "torch" if smoke else "flash"
+    label = "test (smoke)" if smoke else size
     opt = _optimizer(model)
     step_model = model
     compiled = "no"
@@ -227,7 +229,7 @@ def bench_throughput(
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     ref = REFERENCE.get(size) if context == 1024 and not smoke else None
     result = ThroughputResult(
-        size=size,
+        size=label,
         context=context,
         microbatch_tokens=micro_tokens,
         accum=accum,

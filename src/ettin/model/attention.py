@@ -46,7 +46,7 @@ class Varlen:
     cu_seqlens: Tensor  # (N+1,) int32 sequence boundaries in the flat stream
     max_seqlen: int  # upper bound on sequence lengths: the padded width S (avoids a host sync)
     shape: tuple[int, int]  # (B, S)
-    _masks: dict = field(default_factory=dict, repr=False)  # torch backend's masks, per window
+    _masks: dict = field(default_factory=dict, repr=False)  # torch backend: masks, bounds (cached)
 
     @property
     def num_tokens(self) -> int:
@@ -70,35 +70,60 @@ class Varlen:
         out = x.new_zeros(B * S, *x.shape[1:]).index_copy(0, self.indices, x)
         return out.view(B, S, *x.shape[1:])
 
-    def mask(self, window: Window, causal: bool) -> Tensor | None:
-        """Boolean (B|1, 1, S, S) mask of allowed keys for the torch backend; None = all allowed."""
+    def mask(self, window: Window, causal: bool) -> Tensor:
+        """Boolean (B, 1, S, S) mask of allowed keys in the padded rows (torch backend, not CPU)."""
         key = (window, causal)
         if key not in self._masks:
             self._masks[key] = self._build_mask(window, causal)
         return self._masks[key]
 
-    def _build_mask(self, window: Window, causal: bool) -> Tensor | None:
+    def _build_mask(self, window: Window, causal: bool) -> Tensor:
         B, S = self.shape
         device = self.indices.device
-        if self.dense and window == GLOBAL_WINDOW and not causal:
-            return None
-        i = torch.arange(S, device=device)[:, None]  # query index in the row
-        j = torch.arange(S, device=device)[None, :]  # key index in the row
-        allowed = torch.ones(S, S, dtype=torch.bool, device=device)
-        if window[0] >= 0:
-            allowed &= i - j <= window[0]
-        if window[1] >= 0:
-            allowed &= j - i <= window[1]
-        if causal:
-            allowed &= j <= i
-        if self.dense:
-            return allowed[None, None]  # (1, 1, S, S)
+        allowed = window_mask(S, window, causal, device)  # (S, S)
         # Tokens attend only inside their own sequence; padding gets id -1 and so attends to
         # padding only (never an empty row, which would give NaN). Padding outputs are dropped.
         seq = torch.full((B * S,), -1, dtype=torch.long, device=device)
         seq = seq.index_copy(0, self.indices, self.seq_index).view(B, S)
         same_seq = seq[:, :, None] == seq[:, None, :]  # (B, S, S)
         return (same_seq & allowed)[:, None]  # (B, 1, S, S)
+
+    def bounds(self) -> list[tuple[int, int]]:
+        """(start, end) of each sequence in the flat stream, as host ints (one sync, cached)."""
+        if "bounds" not in self._masks:
+            cu = self.cu_seqlens.tolist()
+            self._masks["bounds"] = list(zip(cu[:-1], cu[1:]))
+        return self._masks["bounds"]
+
+
+def window_mask(S: int, window: Window, causal: bool, device: torch.device) -> Tensor:
+    """(S, S) boolean: key j is visible from query i (window (left, right) inclusive, -1 = all)."""
+    i = torch.arange(S, device=device)[:, None]  # query index
+    j = torch.arange(S, device=device)[None, :]  # key index
+    allowed = torch.ones(S, S, dtype=torch.bool, device=device)
+    if window[0] >= 0:
+        allowed &= i - j <= window[0]
+    if window[1] >= 0:
+        allowed &= j - i <= window[1]
+    if causal:
+        allowed &= j <= i
+    return allowed
+
+
+def sdpa_mask(
+    S: int, window: Window, causal: bool, device: torch.device
+) -> tuple[Tensor | None, bool]:
+    """(attn_mask, is_causal) for SDPA over one unpadded sequence of S tokens.
+
+    A window that cuts nothing off is dropped, and plain causal attention uses `is_causal`
+    (kernels then skip the masked half instead of computing and discarding it).
+    """
+    left, right = window
+    left_free = left < 0 or left >= S - 1
+    right_free = causal or right < 0 or right >= S - 1
+    if left_free and right_free:
+        return None, causal
+    return window_mask(S, window, causal, device), False
 
 
 def unpad(input_ids: Tensor, attention_mask: Tensor) -> Varlen:
@@ -130,21 +155,39 @@ def unpad(input_ids: Tensor, attention_mask: Tensor) -> Varlen:
 def torch_attention(
     q: Tensor, k: Tensor, v: Tensor, batch: Varlen, window: Window, causal: bool
 ) -> Tensor:
-    """Exact attention with PyTorch SDPA: re-pad to (B, S), mask per sequence/window, gather back.
+    """Exact attention with PyTorch SDPA. q, k, v: (T, heads, head_dim) -> (T, heads, head_dim).
 
-    q, k, v: (T, heads, head_dim) -> (T, heads, head_dim).
+    Dense batches (each row one whole sequence) are one (B, heads, S, head_dim) call. Otherwise,
+    on the CPU, one call per sequence: attention then costs sum(s_n^2) rather than B * S^2 for
+    the padded rows (the host sync for the boundaries is free there). On other devices the
+    batch is re-padded to (B, S) with a per-sequence mask, which needs no host sync.
     """
     T, heads, head_dim = q.shape
     B, S = batch.shape
+    if batch.dense:
+        q, k, v = (t.view(B, S, heads, head_dim).transpose(1, 2) for t in (q, k, v))
+        mask, is_causal = sdpa_mask(S, window, causal, q.device)  # (S, S) | None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        return out.transpose(1, 2).reshape(T, heads, head_dim)  # (B, heads, S, hd) -> (T, ...)
+    if q.device.type == "cpu":
+        outs = []
+        for start, end in batch.bounds():
+            key = (end - start, window, causal)
+            if key not in batch._masks:
+                batch._masks[key] = sdpa_mask(end - start, window, causal, q.device)
+            mask, is_causal = batch._masks[key]
+            qs, ks, vs = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))  # (1, h, s, hd)
+            out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=is_causal)
+            outs.append(out[0].transpose(0, 1))  # (s, heads, head_dim)
+        return torch.cat(outs)
     qkv = torch.stack((q, k, v))  # (3, T, heads, head_dim)
-    if not batch.dense:
-        qkv = qkv.new_zeros(3, B * S, heads, head_dim).index_copy(1, batch.indices, qkv)
+    qkv = qkv.new_zeros(3, B * S, heads, head_dim).index_copy(1, batch.indices, qkv)
     q, k, v = (
         qkv.view(3, B, S, heads, head_dim).transpose(2, 3).unbind(0)
     )  # (B, heads, S, head_dim)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.mask(window, causal))
     out = out.transpose(1, 2).reshape(B * S, heads, head_dim)  # (B*S, heads, head_dim)
-    return out if batch.dense else out.index_select(0, batch.indices)
+    return out.index_select(0, batch.indices)
 
 
 def flash_attention(
