@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch._inductor.config
 
 REFERENCE = {  # size -> (tokens/s/GPU at 1024, MFU) of the reference runs
     "150m": (296e3, 0.29),
@@ -194,12 +195,19 @@ def bench_throughput(
     model.attn_impl = "torch" if smoke else "flash"
     label = "test (smoke)" if smoke else size
     opt = _optimizer(model)
-    step_model = model
-    compiled = "no"
-    if compile_mode == "model":
-        step_model, compiled = torch.compile(model), "model"
+    # torch 2.7's inductor fuses `residual (fp32) + mm (bf16 under autocast)` into one addmm of
+    # mixed dtypes and fails at run time; without its pattern matcher the model compiles.
+    attempts = [("model", True), ("model, pattern_matcher off", False)]
+    if compile_mode != "model":
+        attempts = []
+    step_model, compiled = model, "no"
     rows = max(1, tokens // context)
     while True:
+        if step_model is model and attempts:
+            compiled, pattern_matcher = attempts.pop(0)
+            torch._dynamo.reset()
+            torch._inductor.config.pattern_matcher = pattern_matcher
+            step_model = torch.compile(model)
         batch = _device_batch(
             [context] * rows, context, model.args.vocab_size, objective, device, 0
         )
@@ -214,12 +222,18 @@ def bench_throughput(
                 raise
             rows //= 2
             log(f"  {size} @ {context}: out of memory, retrying with {rows} rows")
-        except Exception as err:  # compile trouble: report it and measure eager instead
+        except Exception as err:  # compile trouble: report it, try the next way, else eager
             if step_model is model:
                 raise
-            log(f"  {size} @ {context}: torch.compile failed ({type(err).__name__}: {err}); eager")
-            step_model, compiled = model, f"no (compile failed: {type(err).__name__})"
+            log(
+                f"  {size} @ {context}: torch.compile ({compiled}) failed: {type(err).__name__}: "
+                f"{str(err)[:200]}"
+            )
+            step_model = model
+            if not attempts:
+                compiled = f"no (compile failed: {type(err).__name__})"
             opt.zero_grad(set_to_none=True)
+    torch._inductor.config.pattern_matcher = True
     micro_tokens = rows * context
     tok_s = micro_tokens / per_micro
     p = MLM_P if objective == "mlm" else 1.0

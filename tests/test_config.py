@@ -52,12 +52,19 @@ def test_reference_numbers(run, lr, micro, tokens, seq, theta):
 def test_phase_specific_settings():
     dec = load_config(ROOT / "yamls/encoder-17m-decay.yaml")
     assert dec.objective.mlm_probability == 0.15
-    assert (dec.scheduler.alpha_f, dec.scheduler.decay_shape, dec.scheduler.t_decay) == (0.04, "1-sqrt", "1dur")
+    assert (dec.scheduler.alpha_f, dec.scheduler.decay_shape, dec.scheduler.t_decay) == (
+        0.04,
+        "1-sqrt",
+        "1dur",
+    )
     assert dec.init_from == "runs/encoder-17m-extension/checkpoints/latest-rank0.pt"
     cross = load_config(ROOT / "yamls/cross/decoder-from-encoder-150m.yaml")
     assert (cross.seed, cross.objective.name) == (210, "clm")
     assert cross.init_from == "runs/encoder-150m-decay/checkpoints/latest-rank0.pt"
-    assert (cross.scheduler.t_warmup, cross.scheduler.t_decay) == ("3_000_000_000tok", "10_000_000_000tok")
+    assert (cross.scheduler.t_warmup, cross.scheduler.t_decay) == (
+        "3_000_000_000tok",
+        "10_000_000_000tok",
+    )
 
 
 def test_objective_swap_is_one_override():
@@ -67,7 +74,9 @@ def test_objective_swap_is_one_override():
 
 
 def test_key_overrides_and_interpolation():
-    cfg = load_config(ROOT / "yamls/tiny/encoder.yaml", ["optim.lr=1e-3", "data_root=/x", "run_name=abc"])
+    cfg = load_config(
+        ROOT / "yamls/tiny/encoder.yaml", ["optim.lr=1e-3", "data_root=/x", "run_name=abc"]
+    )
     assert cfg.optim.lr == 1e-3
     assert cfg.data.path == "/x/pretrain"
     assert cfg.run_dir == "runs/abc"
@@ -119,7 +128,9 @@ def test_recipe_plan_chains_stages(tmp_path):
     names = [s.cfg.run_name for s in stages]
     assert names[:3] == ["encoder-68m", "encoder-68m-extension", "encoder-68m-decay"]
     assert stages[1].cfg.init_from == str(tmp_path / "encoder-68m/checkpoints/latest-rank0.pt")
-    assert stages[6].cfg.init_from == str(tmp_path / "decoder-68m-decay/checkpoints/latest-rank0.pt")
+    assert stages[6].cfg.init_from == str(
+        tmp_path / "decoder-68m-decay/checkpoints/latest-rank0.pt"
+    )
     assert all(s.status == "pending" for s in stages)
     (tmp_path / "encoder-68m").mkdir()
     (tmp_path / "encoder-68m/DONE").write_text("1")
@@ -132,6 +143,8 @@ def test_recipe_plan_chains_stages(tmp_path):
 def test_recipe_rejects_unknown_start(tmp_path):
     bad = tmp_path / "recipes" / "r.yaml"
     bad.parent.mkdir()
-    bad.write_text(f"name: r\nstages:\n  - run: {ROOT}/yamls/encoder-17m-decay.yaml\n    start_from: nope\n")
+    bad.write_text(
+        f"name: r\nstages:\n  - run: {ROOT}/yamls/encoder-17m-decay.yaml\n    start_from: nope\n"
+    )
     with pytest.raises(ConfigError, match="not an earlier stage"):
         plan(bad)

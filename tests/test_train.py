@@ -30,7 +30,9 @@ def _samples(tok, n: int, seed: int) -> list[np.ndarray]:
     for _ in range(n):
         start, length = rng.integers(0, WORDS), rng.integers(12, 40)
         words = (start + np.arange(length)) % WORDS
-        out.append(np.concatenate([[tok.cls_token_id], words, [tok.sep_token_id]]).astype(np.uint32))
+        out.append(
+            np.concatenate([[tok.cls_token_id], words, [tok.sep_token_id]]).astype(np.uint32)
+        )
     return out
 
 
@@ -42,7 +44,12 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     tok = tiny_tokenizer(num_words=WORDS)
     tok.save_pretrained(root / "tokenizer")
-    write_phase(root / "data" / "pretrain", tok, {"train": _samples(tok, 400, 0), "val": _samples(tok, 48, 1)})
+    for i, phase in enumerate(("pretrain", "extension", "decay")):
+        write_phase(
+            root / "data" / phase,
+            tok,
+            {"train": _samples(tok, 400, 2 * i), "val": _samples(tok, 48, 2 * i + 1)},
+        )
     return root
 
 
@@ -85,15 +92,27 @@ def test_tiny_run_learns_evaluates_and_exports(world, objective):
 
     from ettin.train import train
 
-    cfg = _cfg(world, f"learn-{objective}", objective, "max_duration=80ba", "optim.lr=1e-2", "scheduler.t_decay=20ba")
+    cfg = _cfg(
+        world,
+        f"learn-{objective}",
+        objective,
+        "max_duration=80ba",
+        "optim.lr=1e-2",
+        "scheduler.t_decay=20ba",
+    )
     train(cfg)
     run = Path(cfg.run_dir)
     losses = _losses(run)
-    first, last = np.mean([losses[k] for k in sorted(losses)[:3]]), np.mean([losses[k] for k in sorted(losses)[-3:]])
+    first, last = (
+        np.mean([losses[k] for k in sorted(losses)[:3]]),
+        np.mean([losses[k] for k in sorted(losses)[-3:]]),
+    )
     assert last < 0.75 * first, (first, last)
     metrics = _metrics(run)
     assert "metrics/val/CrossEntropy" in metrics
-    assert ("metrics/val/MaskedAccuracy" if objective == "mlm" else "metrics/val/Perplexity") in metrics
+    assert (
+        "metrics/val/MaskedAccuracy" if objective == "mlm" else "metrics/val/Perplexity"
+    ) in metrics
     assert (run / "DONE").exists()
     auto = AutoModelForMaskedLM if objective == "mlm" else AutoModelForCausalLM
     hf = auto.from_pretrained(run / "hf")
@@ -104,8 +123,26 @@ def test_tiny_run_learns_evaluates_and_exports(world, objective):
 def test_microbatching_equals_one_big_batch(world):
     from ettin.train import train
 
-    train(_cfg(world, "mb8", "clm", "max_duration=4ba", "device_train_microbatch_size=8", "callbacks.export_hf=false"))
-    train(_cfg(world, "mb2", "clm", "max_duration=4ba", "device_train_microbatch_size=2", "callbacks.export_hf=false"))
+    train(
+        _cfg(
+            world,
+            "mb8",
+            "clm",
+            "max_duration=4ba",
+            "device_train_microbatch_size=8",
+            "callbacks.export_hf=false",
+        )
+    )
+    train(
+        _cfg(
+            world,
+            "mb2",
+            "clm",
+            "max_duration=4ba",
+            "device_train_microbatch_size=2",
+            "callbacks.export_hf=false",
+        )
+    )
     a, b = _losses(world / "runs/mb8"), _losses(world / "runs/mb2")
     assert sorted(a) == sorted(b) == [0, 1, 2, 3]
     for k in a:
@@ -176,12 +213,73 @@ def test_phase_transition_loads_weights_only(world):
     weights, info = read_checkpoint(ckpt)
     assert info.objective == "mlm"
     # Cross-objective: the decoder starts from the encoder's weights, with fresh time.
-    nxt = _cfg(world, "phase2", "clm", "max_duration=2ba", f"init_from={ckpt}", "callbacks.export_hf=false")
+    nxt = _cfg(
+        world, "phase2", "clm", "max_duration=2ba", f"init_from={ckpt}", "callbacks.export_hf=false"
+    )
     from ettin.train import build_trainer
 
     trainer = build_trainer(nxt)
     model = trainer.state.model.model
     assert model.args.causal
-    assert torch.equal(model.state_dict()["model.layers.1.attn.Wqkv.weight"], weights["model.layers.1.attn.Wqkv.weight"])
+    assert torch.equal(
+        model.state_dict()["model.layers.1.attn.Wqkv.weight"],
+        weights["model.layers.1.attn.Wqkv.weight"],
+    )
     assert trainer.state.timestamp.batch.value == 0
     trainer.close()
+
+
+@pytest.mark.slow
+def test_recipe_chain_runs_every_stage_from_its_predecessor(world, capsys):
+    """The real 17m recipe, scaled down: 3 phases x 2 objectives + both cross branches."""
+    from ettin.recipe import run_recipe
+
+    tiny = [
+        "model.size=test",
+        f"tokenizer={world / 'tokenizer'}",
+        f"data_root={world / 'data'}",
+        "system=cpu",
+        "global_train_batch_size=8",
+        "device_train_microbatch_size=8",
+        "global_eval_batch_size=16",
+        "eval_subset_num_batches=1",
+        "max_duration=6ba",
+        "save_interval=6ba",
+        "scheduler.t_warmup=1ba",
+        "scheduler.t_decay=2ba",
+        "data.max_seq_len=48",
+        "optim.lr=1e-2",
+        "callbacks.export_hf=false",
+        "callbacks.record_order=false",
+    ]
+    runs = world / "chain"
+    stages = run_recipe(ROOT / "recipes/ettin-17m.yaml", tiny, runs_root=str(runs))
+    assert [s.status for s in stages] == ["done"] * 8
+    from ettin.checkpoint import read_checkpoint, state_digest
+
+    final = {
+        s.cfg.run_name: Path(s.cfg.run_dir) / "checkpoints" / "latest-rank0.pt" for s in stages
+    }
+    expected = {
+        "encoder-17m-extension": "encoder-17m",
+        "encoder-17m-decay": "encoder-17m-extension",
+        "decoder-17m-extension": "decoder-17m",
+        "decoder-17m-decay": "decoder-17m-extension",
+        "encoder-from-decoder-17m": "decoder-17m-decay",
+        "decoder-from-encoder-17m": "encoder-17m-decay",
+    }
+    for s in stages:
+        _, info = read_checkpoint(final[s.cfg.run_name])
+        assert min(_losses(Path(s.cfg.run_dir))) == 0  # time restarts: weights only
+        if s.cfg.run_name not in expected:
+            assert info.lineage == {}  # from scratch
+            continue
+        # The stage's starting weights are exactly its predecessor's final weights.
+        source_weights, source_info = read_checkpoint(final[expected[s.cfg.run_name]])
+        assert info.lineage["init_digest"] == state_digest(source_weights), s.cfg.run_name
+        assert info.objective == s.cfg.objective.name
+    capsys.readouterr()
+    again = run_recipe(ROOT / "recipes/ettin-17m.yaml", tiny, runs_root=str(runs))
+    out = capsys.readouterr().out
+    assert out.count("[skip]") == 8 and "[start]" not in out
+    assert [s.status for s in again] == ["done"] * 8

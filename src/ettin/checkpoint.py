@@ -9,6 +9,7 @@ metadata and a bare state dict. Both load into an `EttinModel` with `load_checkp
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,20 @@ class CheckpointInfo:
     objective: str
     tokenizer: dict[str, Any] = field(default_factory=dict)
     """The tokenizer's fingerprint (ids of special tokens, vocab size) and its directory, if known."""
+    lineage: dict[str, Any] = field(default_factory=dict)
+    """Where the run's starting weights came from: `init_from` and `init_digest` (see `state_digest`)."""
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 of a model state dict (sorted names, raw bytes; the tied decoder weight skipped)."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        if key == "decoder.weight":
+            continue
+        tensor = state[key].detach().cpu().contiguous()
+        h.update(key.encode())
+        h.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def save_ettin_checkpoint(path: str | os.PathLike, model: EttinModel, info: CheckpointInfo) -> Path:
@@ -45,6 +60,7 @@ def save_ettin_checkpoint(path: str | os.PathLike, model: EttinModel, info: Chec
         "model_args": dataclasses.asdict(info.model_args),
         "objective": info.objective,
         "tokenizer": info.tokenizer,
+        "lineage": info.lineage,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
     torch.save(payload, path)
@@ -56,7 +72,11 @@ def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in state.items():
         key = key.replace("_orig_mod.", "")
-        if key.startswith("model.model.") or key.startswith("model.head.") or key.startswith("model.decoder."):
+        if (
+            key.startswith("model.model.")
+            or key.startswith("model.head.")
+            or key.startswith("model.decoder.")
+        ):
             key = key[len("model.") :]
         out[key] = value
     return out
@@ -96,11 +116,14 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], C
         model_args=ModelArgs(**meta["model_args"]),
         objective=meta["objective"],
         tokenizer=dict(meta.get("tokenizer") or {}),
+        lineage=dict(meta.get("lineage") or {}),
     )
     return state, info
 
 
-def load_weights(model: EttinModel, state: dict[str, torch.Tensor], *, source: str = "checkpoint") -> None:
+def load_weights(
+    model: EttinModel, state: dict[str, torch.Tensor], *, source: str = "checkpoint"
+) -> None:
     """Copy `state` into `model`, naming the first missing, unexpected or mis-shaped tensor."""
     own = model.state_dict()
     missing = [k for k in own if k not in state and k != "decoder.weight"]
@@ -139,6 +162,7 @@ class RunInfo(Callback):
             "model_args": dataclasses.asdict(self.info.model_args),
             "objective": self.info.objective,
             "tokenizer": self.info.tokenizer,
+            "lineage": self.info.lineage,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -38,13 +38,17 @@ def cmd_sizes(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    print(f"{'size':>6} {'L':>3} {'H':>5} {'I':>5} {'heads':>5}  {'params':>14}  {'non-embedding':>14}  global layers")
+    print(
+        f"{'size':>6} {'L':>3} {'H':>5} {'I':>5} {'heads':>5}  {'params':>14}  {'non-embedding':>14}  global layers"
+    )
     for r in rows:
         print(
             f"{r['size']:>6} {r['layers']:>3} {r['hidden']:>5} {r['intermediate']:>5} {r['heads']:>5}  "
             f"{r['total']:>14,}  {r['non_embedding']:>14,}  {r['global_layers']}"
         )
-    print("(vocabulary 50368, tied embeddings, decoder bias included; encoder and decoder are equal)")
+    print(
+        "(vocabulary 50368, tied embeddings, decoder bias included; encoder and decoder are equal)"
+    )
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -53,9 +57,13 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     model, info = load_checkpoint(args.checkpoint)
     tokenizer = args.tokenizer or info.tokenizer.get("path")
-    out = export_hf(model, args.out_dir, tokenizer=tokenizer, allow_rope_mismatch=args.allow_rope_mismatch)
+    out = export_hf(
+        model, args.out_dir, tokenizer=tokenizer, allow_rope_mismatch=args.allow_rope_mismatch
+    )
     kind = "AutoModelForCausalLM" if model.args.causal else "AutoModelForMaskedLM"
-    print(f"exported {info.objective} model to {out} (load with transformers.{kind}.from_pretrained)")
+    print(
+        f"exported {info.objective} model to {out} (load with transformers.{kind}.from_pretrained)"
+    )
 
 
 def cmd_import(args: argparse.Namespace) -> None:
@@ -71,7 +79,9 @@ def cmd_import(args: argparse.Namespace) -> None:
         tok_dir = tok_dir.parent / (tok_dir.name + "-tokenizer")
         tokenizer.save_pretrained(tok_dir)
         tok_info = {"path": str(tok_dir), **tokenizer_fingerprint(tokenizer)}
-    info = CheckpointInfo(model_args=model.args, objective="clm" if model.args.causal else "mlm", tokenizer=tok_info)
+    info = CheckpointInfo(
+        model_args=model.args, objective="clm" if model.args.causal else "mlm", tokenizer=tok_info
+    )
     path = save_ettin_checkpoint(args.out, model, info)
     print(f"wrote {path} ({info.objective}); start a run from it with init_from={path}")
 
@@ -84,7 +94,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ettin", description="Paired encoder/decoder training: sizes, data, order, export, recipes."
+        prog="ettin",
+        description="Paired encoder/decoder training: sizes, data, order, export, recipes.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -92,10 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_sizes)
 
-    p = sub.add_parser("export", help="write a Hugging Face model directory from an ettin checkpoint")
+    p = sub.add_parser(
+        "export", help="write a Hugging Face model directory from an ettin checkpoint"
+    )
     p.add_argument("checkpoint", help="Composer checkpoint (.pt), its folder, or an ettin .pt")
     p.add_argument("out_dir", help="output folder (config.json, model.safetensors, tokenizer)")
-    p.add_argument("--tokenizer", help="tokenizer dir to save beside the model (default: the run's)")
+    p.add_argument(
+        "--tokenizer", help="tokenizer dir to save beside the model (default: the run's)"
+    )
     p.add_argument(
         "--allow-rope-mismatch",
         action="store_true",
@@ -103,12 +118,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("import", help="turn a Hugging Face ModernBERT encoder/decoder into an ettin checkpoint")
-    p.add_argument("source", help="HF model directory, or a Hub name such as jhu-clsp/ettin-encoder-150m")
-    p.add_argument("out", type=_path, help="output .pt file (start a run from it with init_from=...)")
+    p = sub.add_parser(
+        "import", help="turn a Hugging Face ModernBERT encoder/decoder into an ettin checkpoint"
+    )
+    p.add_argument(
+        "source", help="HF model directory, or a Hub name such as jhu-clsp/ettin-encoder-150m"
+    )
+    p.add_argument(
+        "out", type=_path, help="output .pt file (start a run from it with init_from=...)"
+    )
     p.set_defaults(func=cmd_import)
 
-    p = sub.add_parser("train", help="train one run (same as `composer src/main.py CONFIG ...` on one process)")
+    p = sub.add_parser(
+        "train", help="train one run (same as `composer src/main.py CONFIG ...` on one process)"
+    )
     p.add_argument("config", help="run file, e.g. yamls/encoder-17m.yaml")
     p.add_argument("overrides", nargs="*", help="Hydra overrides: key=value or group=option")
     p.set_defaults(func=cmd_train)

@@ -247,7 +247,9 @@ def _split_overrides(root: Path, overrides: list[str]) -> tuple[list[str], list[
     groups, keys = [], []
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override '{item}' is not key=value (e.g. optim.lr=1e-3 or objective=clm)")
+            raise ConfigError(
+                f"override '{item}' is not key=value (e.g. optim.lr=1e-3 or objective=clm)"
+            )
         name = item.split("=", 1)[0].lstrip("+~")
         (groups if (root / name).is_dir() else keys).append(item)
     return groups, keys

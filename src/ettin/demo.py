@@ -27,7 +27,11 @@ FILL_MASK = [
     "Our nation is at [MASK] with no one.",
     "The President of the United States shall [MASK] the Union.",
 ]
-PROMPTS = ["Fellow citizens of the Senate and", "The state of our Union is", "I recommend to the Congress"]
+PROMPTS = [
+    "Fellow citizens of the Senate and",
+    "The state of our Union is",
+    "I recommend to the Congress",
+]
 
 
 def _say(step: int, text: str) -> None:
@@ -110,7 +114,11 @@ def plot_losses(runs: Path, out: Path) -> Path:
             if not rows:
                 continue
             offset = 0 if "from" not in name else _last_batch(runs / STAGES[STAGES.index(name) - 2])
-            ax.plot([offset + r["batch"] for r in rows], [r["loss/train/total"] for r in rows], label=name)
+            ax.plot(
+                [offset + r["batch"] for r in rows],
+                [r["loss/train/total"] for r in rows],
+                label=name,
+            )
         ax.set_title(objective)
         ax.set_xlabel("step (cross-objective runs continue after their source)")
         ax.set_ylabel("train loss")
@@ -148,8 +156,16 @@ def hf_showcase(runs: Path) -> dict[str, list[str]]:
             for prompt in PROMPTS:
                 ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
                 ids = torch.cat([torch.tensor([[tok.cls_token_id]]), ids], dim=1)
-                out = model.generate(ids, max_new_tokens=16, do_sample=False, use_cache=True, pad_token_id=tok.pad_token_id)
-                lines.append(f"{prompt} -> ...{tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)}")
+                out = model.generate(
+                    ids,
+                    max_new_tokens=16,
+                    do_sample=False,
+                    use_cache=True,
+                    pad_token_id=tok.pad_token_id,
+                )
+                lines.append(
+                    f"{prompt} -> ...{tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)}"
+                )
         shown[name] = lines
     return shown
 
@@ -166,7 +182,9 @@ def run_demo(out: Path, data_root: Path, *, quick: bool = False) -> Path:
     tokenizer_dir = prepare_data(data_root)
     tokenizer = load_tokenizer(tokenizer_dir)
 
-    _say(2, "train a paired encoder and decoder, then  [3/6] continue each with the other objective")
+    _say(
+        2, "train a paired encoder and decoder, then  [3/6] continue each with the other objective"
+    )
     overrides = [f"data_root={data_root}"]
     if quick:
         overrides += ["max_duration=12ba", "save_interval=6ba", "eval_subset_num_batches=2"]
@@ -205,7 +223,9 @@ def run_demo(out: Path, data_root: Path, *, quick: bool = False) -> Path:
     return out
 
 
-def write_summary(out: Path, rows: list[dict], baselines: dict, shown: dict, plot: Path, minutes: float) -> Path:
+def write_summary(
+    out: Path, rows: list[dict], baselines: dict, shown: dict, plot: Path, minutes: float
+) -> Path:
     lines = [
         "# ettin demo",
         "",
@@ -256,7 +276,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="the whole pipeline on a tiny model, offline, in minutes")
+    p = subparsers.add_parser(
+        "demo", help="the whole pipeline on a tiny model, offline, in minutes"
+    )
     p.add_argument("--out", default="runs/demo", help="report folder (default runs/demo)")
     p.add_argument("--data", default="data/sotu", help="prepared shards of the bundled corpus")
     p.add_argument("--quick", action="store_true", help="a few steps per stage (tests)")

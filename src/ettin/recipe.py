@@ -70,7 +70,9 @@ def _status(run_dir: Path) -> str:
     return "pending"
 
 
-def plan(recipe_path: str | Path, overrides: list[str] | None = None, runs_root: str | None = None) -> list[Stage]:
+def plan(
+    recipe_path: str | Path, overrides: list[str] | None = None, runs_root: str | None = None
+) -> list[Stage]:
     """Resolve every stage's config: common overrides, run folders, and start-from checkpoints."""
     spec = read_recipe(recipe_path)
     root = Path(recipe_path).resolve().parents[1]
@@ -88,7 +90,9 @@ def plan(recipe_path: str | Path, overrides: list[str] | None = None, runs_root:
                     f"{recipe_path}: stage {s.run} starts from '{s.start_from}', which is not an earlier "
                     f"stage; earlier stages: {', '.join(by_name) or 'none'}"
                 )
-            extra.append(f"init_from={Path(by_name[s.start_from].run_dir) / 'checkpoints' / 'latest-rank0.pt'}")
+            extra.append(
+                f"init_from={Path(by_name[s.start_from].run_dir) / 'checkpoints' / 'latest-rank0.pt'}"
+            )
         cfg = load_config(run_file, extra)
         by_name[cfg.run_name] = cfg
         stages.append(Stage(run_file, cfg, extra, _status(Path(cfg.run_dir))))
@@ -136,7 +140,16 @@ def run_stage(stage: Stage, nproc: int = 1) -> None:
     """Train one stage in its own process (Composer's launcher for several ranks)."""
     args = [str(stage.run_file), *stage.overrides]
     if nproc > 1:
-        cmd = [sys.executable, "-m", "composer.cli.launcher", "-n", str(nproc), "-m", "ettin.train", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "composer.cli.launcher",
+            "-n",
+            str(nproc),
+            "-m",
+            "ettin.train",
+            *args,
+        ]
     else:
         cmd = [sys.executable, "-m", "ettin.train", *args]
     subprocess.run(cmd, check=True)
@@ -167,7 +180,13 @@ def run_recipe(
 
 
 def cmd_recipe(args: argparse.Namespace) -> None:
-    run_recipe(args.recipe, args.overrides, runs_root=args.runs_root, nproc=args.nproc, dry_run=args.dry_run)
+    run_recipe(
+        args.recipe,
+        args.overrides,
+        runs_root=args.runs_root,
+        nproc=args.nproc,
+        dry_run=args.dry_run,
+    )
 
 
 def register(subparsers) -> None:
@@ -178,12 +197,15 @@ def register(subparsers) -> None:
         "interrupted one. Prints the plan first.",
     )
     p.add_argument("recipe", help="recipe file, e.g. recipes/ettin-150m.yaml")
-    p.add_argument("overrides", nargs="*", help="Hydra overrides applied to every stage (key=value)")
+    p.add_argument(
+        "overrides", nargs="*", help="Hydra overrides applied to every stage (key=value)"
+    )
     p.add_argument("--dry-run", action="store_true", help="print the plan only")
     p.add_argument("--runs-root", help="put each stage's run folder under this directory")
-    p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per stage, via Composer's launcher")
+    p.add_argument(
+        "--nproc", type=int, default=1, help="processes (GPUs) per stage, via Composer's launcher"
+    )
     p.set_defaults(func=cmd_recipe)
-
 
 
 def run_files(root: Path | None = None) -> list[Path]:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ettin.checkpoint import CheckpointInfo, RunInfo, load_weights, read_checkpoint
+from ettin.checkpoint import CheckpointInfo, RunInfo, load_weights, read_checkpoint, state_digest
 from ettin.config import RunConfig, load_config, to_yaml
 
 log = logging.getLogger(__name__)
@@ -46,10 +46,19 @@ def build_model(cfg: RunConfig, tokenizer: Any):
 
 def init_from_checkpoint(model, path: str) -> CheckpointInfo:
     """Load weights only (phase transition or cross-objective); time and optimiser start fresh."""
+    if not Path(path).exists():
+        raise FileNotFoundError(
+            f"init_from={path} does not exist: run the previous stage first "
+            "(or `ettin recipe` to run the chain), or point init_from at its checkpoint"
+        )
     state, info = read_checkpoint(path)
     load_weights(model, state, source=path)
     if info.model_args.causal != model.args.causal:
-        log.info("cross-objective start: %s weights -> %s", info.objective, "clm" if model.args.causal else "mlm")
+        log.info(
+            "cross-objective start: %s weights -> %s",
+            info.objective,
+            "clm" if model.args.causal else "mlm",
+        )
     return info
 
 
@@ -62,7 +71,9 @@ def _loggers(cfg: RunConfig, run_dir: Path) -> list:
     if cfg.logging.wandb_project:
         from composer.loggers import WandBLogger
 
-        loggers.append(WandBLogger(project=cfg.logging.wandb_project, entity=cfg.logging.wandb_entity))
+        loggers.append(
+            WandBLogger(project=cfg.logging.wandb_project, entity=cfg.logging.wandb_entity)
+        )
     if cfg.logging.tensorboard:
         from composer.loggers import TensorboardLogger
 
@@ -109,6 +120,10 @@ def build_trainer(cfg: RunConfig):
     )
     if cfg.init_from:
         init_from_checkpoint(model, cfg.init_from)
+        info.lineage = {
+            "init_from": str(cfg.init_from),
+            "init_digest": state_digest(model.state_dict()),
+        }
 
     train = build_dataloader(
         cfg.data,
@@ -156,7 +171,9 @@ def build_trainer(cfg: RunConfig):
             flops_per_token_fn=functools.partial(
                 flops_per_token,
                 model.args,
-                mlm_probability=cfg.objective.mlm_probability if cfg.objective.name == "mlm" else 1.0,
+                mlm_probability=cfg.objective.mlm_probability
+                if cfg.objective.name == "mlm"
+                else 1.0,
             ),
         ),
         PackingEfficiency(interval=cfg.callbacks.speed_window),
@@ -171,7 +188,13 @@ def build_trainer(cfg: RunConfig):
     precision = cfg.precision if cfg.precision != "auto" else ("amp_bf16" if on_gpu else "fp32")
     parallelism = None
     if cfg.parallelism == "fsdp":
-        parallelism = {"fsdp": {"sharding_strategy": "FULL_SHARD", "mixed_precision": "PURE", "use_orig_params": True}}
+        parallelism = {
+            "fsdp": {
+                "sharding_strategy": "FULL_SHARD",
+                "mixed_precision": "PURE",
+                "use_orig_params": True,
+            }
+        }
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -225,12 +248,12 @@ def main(argv: list[str]) -> None:
     """`composer src/main.py yamls/<run>.yaml [key=value ...]`."""
     if not argv or argv[0] in ("-h", "--help"):
         print(main.__doc__)
-        print("Overrides use Hydra syntax: model.size=150m, objective=clm, data.path=data/sotu/pretrain")
+        print(
+            "Overrides use Hydra syntax: model.size=150m, objective=clm, data.path=data/sotu/pretrain"
+        )
         return
     cfg = load_config(argv[0], argv[1:])
     train(cfg)
-
-
 
 
 if __name__ == "__main__":

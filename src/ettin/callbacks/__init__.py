@@ -8,5 +8,11 @@ from ettin.callbacks.hf_export import HFExport
 from ettin.callbacks.packing import PackingEfficiency
 from ettin.callbacks.speed import Throughput
 
-
-__all__ = ["DataOrderRecorder", "GradNorm", "HFExport", "LRMonitor", "PackingEfficiency", "Throughput"]
+__all__ = [
+    "DataOrderRecorder",
+    "GradNorm",
+    "HFExport",
+    "LRMonitor",
+    "PackingEfficiency",
+    "Throughput",
+]

@@ -529,5 +529,3 @@ def prep(
         print(summary_table(stats))
     tokens_read = sum(int(ts.offsets[-1]) + 2 * len(ts.doc_ids) for ts in tokenized.values())
     return PrepResult(out, stats, timings, tokens_read)
-
-
