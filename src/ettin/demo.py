@@ -243,6 +243,8 @@ def write_summary(
         for r in rows:
             cells = [f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys]
             lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
+    lines += ["", "Did they learn? (held-out speeches; better than context-free baselines)", ""]
+    lines += [f"- {v}" for v in verdicts(rows, baselines)]
     lines += [
         "",
         "Baselines that ignore context:",
@@ -269,6 +271,25 @@ def write_summary(
     path.write_text("\n".join(lines) + "\n")
     (out / "baselines.json").write_text(json.dumps(baselines, indent=2))
     return path
+
+
+def verdicts(rows: list[dict], baselines: dict) -> list[str]:
+    """One line per model: its native score against the baseline a context-free model gets."""
+    out = []
+    for r in rows:
+        if r.get("kind") == "encoder" and isinstance(r.get("mlm_acc"), float):
+            ok = r["mlm_acc"] > 1.5 * baselines["majority_token_accuracy"]
+            out.append(
+                f"{r['model']}: masked accuracy {r['mlm_acc']:.3f} vs {baselines['majority_token_accuracy']:.3f} "
+                f"(most frequent token) -> {'yes' if ok else 'not yet'}"
+            )
+        elif r.get("kind") == "decoder" and isinstance(r.get("ppl"), float):
+            ok = r["ppl"] < 0.8 * baselines["unigram_perplexity"]
+            out.append(
+                f"{r['model']}: perplexity {r['ppl']:.1f} vs {baselines['unigram_perplexity']:.1f} (unigram) "
+                f"-> {'yes' if ok else 'not yet'}"
+            )
+    return out
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
