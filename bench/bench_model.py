@@ -205,6 +205,7 @@ class Side:
 
 def build_sides(size: str, objective: str, tokenizer) -> tuple[Side, Side]:
     """Our model and the HF one with the same config and weights, each with its optimizer."""
+    from torch.profiler import record_function
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     from ettin.interop import hf_config, to_hf_state_dict
@@ -221,28 +222,40 @@ def build_sides(size: str, objective: str, tokenizer) -> tuple[Side, Side]:
     hf.train()
     opt_ours, opt_hf = cpu_optimizer(ours), cpu_optimizer(hf)
 
-    def step_ours(batch: dict[str, torch.Tensor]) -> float:
-        opt_ours.zero_grad(set_to_none=True)
-        loss = ours(batch["input_ids"], batch["attention_mask"], batch.get("labels")).loss
-        loss.backward()
-        opt_ours.step()
-        return loss.item()
+    def forward_ours(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return ours(batch["input_ids"], batch["attention_mask"], batch.get("labels")).loss
 
-    def step_hf(batch: dict[str, torch.Tensor]) -> float:
-        opt_hf.zero_grad(set_to_none=True)
+    def forward_hf(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         mask = batch["attention_mask"]
         if causal:  # HF shifts labels itself; padding is ignored through -100
             labels = batch["input_ids"].masked_fill(mask == 0, -100)
-            out = hf(
+            return hf(
                 input_ids=batch["input_ids"], attention_mask=mask, labels=labels, use_cache=False
-            )
-        else:
-            out = hf(input_ids=batch["input_ids"], attention_mask=mask, labels=batch["labels"])
-        out.loss.backward()
-        opt_hf.step()
-        return out.loss.item()
+            ).loss
+        return hf(input_ids=batch["input_ids"], attention_mask=mask, labels=batch["labels"]).loss
 
-    return Side("ours", ours, step_ours), Side("hf", hf, step_hf)
+    def stepper(forward, opt) -> Callable[..., float]:
+        def step(batch: dict[str, torch.Tensor], phases: list | None = None) -> float:
+            """One training step; `phases` gets (forward, backward, optimizer) seconds."""
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            with record_function("forward"):
+                loss = forward(batch)
+            t1 = time.perf_counter()
+            with record_function("backward"):
+                loss.backward()
+            t2 = time.perf_counter()
+            with record_function("optimizer"):
+                opt.step()
+            if phases is not None:
+                phases.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
+            return loss.item()
+
+        return step
+
+    return Side("ours", ours, stepper(forward_ours, opt_ours)), Side(
+        "hf", hf, stepper(forward_hf, opt_hf)
+    )
 
 
 # ----------------------------------------------------------------------------- one case
@@ -339,19 +352,35 @@ def run_case(
 # ----------------------------------------------------------------------------- profile
 
 
-def profile_case(size: str, objective: str, dist: str, batch_size: int, tokenizer, sampler):
-    """Top operators (self CPU time) of one step of each side, after a warm-up step."""
-    from torch.profiler import ProfilerActivity, profile, record_function
+def profile_case(
+    size: str, objective: str, dist: str, batch_size: int, repeats: int, tokenizer, sampler
+) -> None:
+    """Where a step's time goes: forward / backward / optimizer per side (medians of interleaved
+    steps on one batch), then the top operators of one profiled step of each side."""
+    from torch.profiler import ProfilerActivity, profile
 
     lengths = sampler.draw(batch_size) if dist == "var" else np.full(batch_size, SEQ)
     (batch,) = make_batches(tokenizer, objective, [lengths])
-    for side in build_sides(size, objective, tokenizer):
-        side.step(batch)
+    tokens = int((batch["attention_mask"] != 0).sum())
+    sides = build_sides(size, objective, tokenizer)
+    phases: dict[str, list] = {side.name: [] for side in sides}
+    for side in sides:
+        side.step(batch)  # warm-up
+    for i in range(repeats):
+        for side in sides if i % 2 == 0 else sides[::-1]:
+            side.step(batch, phases[side.name])
+    print(
+        f"{size} {objective} {dist}: batch {tuple(batch['input_ids'].shape)}, {tokens} real tokens"
+    )
+    print(f"{'side':>5} {'forward s':>10} {'backward s':>11} {'optimizer s':>12} {'total s':>8}")
+    for name, rows in phases.items():
+        f, b, o = (statistics.median(r[k] for r in rows) for k in range(3))
+        print(f"{name:>5} {f:>10.3f} {b:>11.3f} {o:>12.3f} {f + b + o:>8.3f}")
+    for side in sides:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            with record_function(f"{side.name}_step"):
-                side.step(batch)
-        print(f"\n== profile: {side.name}, {size} {objective} {dist} batch {batch_size}")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+            side.step(batch)
+        print(f"\n== top operators, {side.name} (self CPU time of one step)")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
 # ----------------------------------------------------------------------------- report
@@ -434,7 +463,9 @@ def main(argv: list[str] | None = None) -> list[CaseResult]:
     if args.profile:
         dist = args.lengths[0]
         batch = args.var_batch if dist == "var" else args.fixed_batch
-        profile_case(args.sizes[0], args.objectives[0], dist, batch, tokenizer, sampler)
+        profile_case(
+            args.sizes[0], args.objectives[0], dist, batch, args.repeats, tokenizer, sampler
+        )
         return []
 
     env = environment()

@@ -34,8 +34,11 @@ PROMPTS = [
 ]
 
 
+_T0 = time.time()
+
+
 def _say(step: int, text: str) -> None:
-    print(f"\n[{step}/6] {text}", flush=True)
+    print(f"\n[{step}/6] {text}  (t={time.time() - _T0:.0f}s)", flush=True)
 
 
 def prepare_data(data_root: Path) -> Path:

@@ -117,7 +117,7 @@ SIZES: dict[str, dict] = {
     "400m": dict(num_layers=28, hidden_size=1024, intermediate_size=2624, num_heads=16),
     "1b": dict(num_layers=28, hidden_size=1792, intermediate_size=3840, num_heads=28),
     # Learns in minutes on 2 CPU cores; layers 0 and 3 global, like the real sizes' first/last.
-    "demo": dict(num_layers=4, hidden_size=128, intermediate_size=192, num_heads=2),
+    "demo": dict(num_layers=4, hidden_size=64, intermediate_size=128, num_heads=1),
     # Unit tests: smallest shape that still has global and local layers.
     "test": dict(num_layers=4, hidden_size=64, intermediate_size=96, num_heads=4),
 }
