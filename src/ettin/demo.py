@@ -163,7 +163,7 @@ def hf_showcase(runs: Path) -> dict[str, list[str]]:
                     ids,
                     max_new_tokens=16,
                     do_sample=False,
-                    use_cache=True,
+                    no_repeat_ngram_size=2,
                     pad_token_id=tok.pad_token_id,
                 )
                 lines.append(
