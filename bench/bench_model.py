@@ -1,7 +1,7 @@
 """Training-step speed and memory on CPU: ettin's model against Hugging Face ModernBERT, same run.
 
     .venv/bin/python bench/bench_model.py [--sizes 17m 68m] [--objectives mlm clm]
-        [--lengths var fixed] [--var-batch 8] [--fixed-batch 2] [--repeats 3] [--json PATH]
+        [--lengths var fixed] [--var-batch 8] [--fixed-batch 2] [--repeats 5] [--json PATH]
 
 Baselines: `ModernBertForMaskedLM` (encoder, MLM) and `ModernBertDecoderForCausalLM` (decoder,
 CLM) from transformers with `attn_implementation="sdpa"`, built from `ettin.interop.hf_config`
@@ -9,12 +9,14 @@ and loaded with `to_hf_state_dict` of our freshly initialised model: identical c
 weights. Both sides train with `ettin.optim.build_optimizer` (StableAdamW, default OptimConfig)
 on the same batches, in fp32.
 
-A step is zero_grad + forward + loss + backward + optimizer step. Per case, one untimed warm-up
-step per side (its two losses must agree: this checks that the two models compute the same
-thing), one memory step per side, then `--repeats` timed pairs, ours and HF back to back on the
-same batch, the order alternating between pairs. Each pair gives a ratio HF time / our time; the
+A step is zero_grad + forward + loss + backward + optimizer step. Per case: one untimed warm-up
+step per side on a small padded batch (its two losses must agree: this checks that the two
+models compute the same thing), then `--repeats` pairs, ours and HF back to back on the same
+batch, the order alternating between pairs. Each pair gives a ratio HF time / our time; the
 median of these ratios is the figure reported, so that a noisy, shared machine slows both sides
-alike. tokens/s counts real (non-pad) tokens for both sides.
+alike. tokens/s counts real (non-pad) tokens for both sides. Also reported: the same ratio from
+process CPU time, and for forward + backward only (what remains when gradient accumulation
+amortises the optimizer step, whose cost is the same on both sides).
 
 Lengths: `var` draws each sequence length from a seeded log-normal (median 128, sigma 1.2,
 clipped to [32, 1024]; mean 229 tokens), or with `--shards DIR` from the samples of an MDS split
@@ -25,11 +27,13 @@ to the longest sequence, as the ettin collator does.
 model itself, not from unpadding. Token ids are random ordinary ids inside [CLS] ... [SEP];
 MLM masks come from `ettin.objectives.mlm_mask` (p = 0.3).
 
-Memory: the peak resident memory one training step adds, in the same process. Before the step,
-garbage is collected and `malloc_trim(0)` returns freed heap pages to the OS, the resident size
-is read and Linux's peak counter (VmHWM) is reset by writing 5 to /proc/self/clear_refs; after
-it, peak - start is what the step needed (activations, gradients, logits, temporaries; the
-weights and optimizer state already exist). Not available off Linux (reported as n/a).
+Memory: the peak resident memory a training step adds, measured on every timed step, in the
+same process. Before the step (outside the timer) garbage is collected and `malloc_trim(0)`
+returns freed heap pages to the OS, the resident size is read and Linux's peak counter (VmHWM)
+is reset by writing 5 to /proc/self/clear_refs; after it, peak - start is what the step needed
+(activations, gradients, logits, temporaries; weights and optimizer state exist already). The
+trim makes each step fault its memory in afresh: about 8% of absolute speed on both sides alike
+(measured 1.079x ours, 1.082x HF), so the ratios are unaffected. n/a off Linux.
 """
 
 from __future__ import annotations
@@ -275,9 +279,10 @@ class CaseResult:
     speed_ratio_min: float
     speed_ratio_max: float
     cpu_ratio: float  # the same from process CPU time (less sensitive to other processes)
+    fwd_bwd_ratio: float  # the same for forward + backward only (optimizer cost amortised away)
     ours_mem_mb: float | None
     hf_mem_mb: float | None
-    mem_ratio: float | None  # ours / HF
+    mem_ratio: float | None  # median over pairs of ours / HF
     loss_diff: float  # |ours - HF| loss of the first (identical) step
 
 
@@ -293,9 +298,9 @@ def run_case(
     log: Callable[[str], None],
 ) -> CaseResult:
     if dist == "var":
-        lengths = [sampler.draw(batch_size) for _ in range(repeats + 1)]
+        lengths = [sampler.draw(batch_size) for _ in range(repeats)]
     else:
-        lengths = [np.full(batch_size, SEQ) for _ in range(repeats + 1)]
+        lengths = [np.full(batch_size, SEQ) for _ in range(repeats)]
     batches = make_batches(tokenizer, objective, lengths)
     ours, hf = build_sides(size, objective, tokenizer)
 
@@ -303,48 +308,51 @@ def run_case(
     # of this first step come from identical weights and must agree.
     (warm,) = make_batches(tokenizer, objective, [np.array([96, 64])], seed=1)
     loss_diff = abs(ours.step(warm) - hf.step(warm))
-    mem = {}
-    for side in (ours, hf):  # memory on the first full batch, not timed
-        memory.start()
-        side.step(batches[0])
-        mem[side.name] = memory.stop()
 
-    times: dict[str, list[float]] = {"ours": [], "hf": []}
-    cpu: dict[str, list[float]] = {"ours": [], "hf": []}
-    real = [int((b["attention_mask"] != 0).sum()) for b in batches[1:]]
-    for i, batch in enumerate(batches[1:]):
-        order = (ours, hf) if i % 2 == 0 else (hf, ours)
-        for side in order:
-            gc.collect()
+    keys = ("wall", "cpu", "fwd_bwd", "mem")
+    m: dict[str, dict[str, list]] = {side: {k: [] for k in keys} for side in ("ours", "hf")}
+    real = [int((b["attention_mask"] != 0).sum()) for b in batches]
+    for i, batch in enumerate(batches):
+        for side in (ours, hf) if i % 2 == 0 else (hf, ours):
+            memory.start()  # gc + malloc_trim outside the timer; the same for both sides
+            phases: list = []
             t0, c0 = time.perf_counter(), time.process_time()
-            side.step(batch)
-            times[side.name].append(time.perf_counter() - t0)
-            cpu[side.name].append(time.process_time() - c0)
+            side.step(batch, phases)
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            mem = memory.stop()
+            for k, v in zip(keys, (wall, cpu, phases[0][0] + phases[0][1], mem)):
+                m[side.name][k].append(v)
         log(
-            f"  pair {i + 1}/{repeats}: {real[i]} tokens, ours {times['ours'][-1]:.2f}s, "
-            f"HF {times['hf'][-1]:.2f}s"
+            f"  pair {i + 1}/{repeats}: {real[i]} tokens, ours {m['ours']['wall'][-1]:.2f}s, "
+            f"HF {m['hf']['wall'][-1]:.2f}s"
         )
-    ratios = [h / o for h, o in zip(times["hf"], times["ours"])]
-    cpu_ratios = [h / o for h, o in zip(cpu["hf"], cpu["ours"])]
-    cells = sum(b["attention_mask"].numel() for b in batches[1:])
-    mb = {k: (v / 2**20 if v is not None else None) for k, v in mem.items()}
-    mem_ratio = mem["ours"] / mem["hf"] if mem["ours"] is not None and mem["hf"] else None
+
+    def ratio(key: str) -> list[float]:  # per pair, HF / ours
+        return [h / o for h, o in zip(m["hf"][key], m["ours"][key])]
+
+    def tok_s(side: str) -> float:
+        return statistics.median(n / t for n, t in zip(real, m[side]["wall"]))
+
+    have_mem = memory.available and all(m["hf"]["mem"])
+    mb = {s: statistics.median(m[s]["mem"]) / 2**20 if have_mem else None for s in m}
+    speed = ratio("wall")
     return CaseResult(
         size=size,
         objective=objective,
         lengths=dist,
         batch=batch_size,
         tokens=float(np.mean(real)),
-        fill=sum(real) / cells,
-        ours_tok_s=statistics.median(n / t for n, t in zip(real, times["ours"])),
-        hf_tok_s=statistics.median(n / t for n, t in zip(real, times["hf"])),
-        speed_ratio=statistics.median(ratios),
-        speed_ratio_min=min(ratios),
-        speed_ratio_max=max(ratios),
-        cpu_ratio=statistics.median(cpu_ratios),
+        fill=sum(real) / sum(b["attention_mask"].numel() for b in batches),
+        ours_tok_s=tok_s("ours"),
+        hf_tok_s=tok_s("hf"),
+        speed_ratio=statistics.median(speed),
+        speed_ratio_min=min(speed),
+        speed_ratio_max=max(speed),
+        cpu_ratio=statistics.median(ratio("cpu")),
+        fwd_bwd_ratio=statistics.median(ratio("fwd_bwd")),
         ours_mem_mb=mb["ours"],
         hf_mem_mb=mb["hf"],
-        mem_ratio=mem_ratio,
+        mem_ratio=statistics.median(1 / r for r in ratio("mem")) if have_mem else None,
         loss_diff=loss_diff,
     )
 
@@ -419,8 +427,8 @@ def _mem(x: float | None) -> str:
 def print_table(results: list[CaseResult]) -> None:
     head = (
         f"{'size':>5} {'obj':>4} {'lengths':>7} {'B':>2} {'tokens':>6} {'fill':>5} "
-        f"{'ours tok/s':>10} {'HF tok/s':>9} {'ours/HF wall (min-max)':>23} {'cpu':>6} "
-        f"{'step MB ours':>12} {'HF':>7} {'mem ours/HF':>11} {'|dloss|':>8}"
+        f"{'ours tok/s':>10} {'HF tok/s':>9} {'ours/HF step (min-max)':>23} {'cpu':>6} "
+        f"{'fwd+bwd':>7} {'step MB ours':>12} {'HF':>7} {'mem ours/HF':>11} {'|dloss|':>8}"
     )
     print(head)
     for r in results:
@@ -429,7 +437,7 @@ def print_table(results: list[CaseResult]) -> None:
         print(
             f"{r.size:>5} {r.objective:>4} {r.lengths:>7} {r.batch:>2} {r.tokens:>6.0f} "
             f"{r.fill:>5.2f} {r.ours_tok_s:>10,.0f} {r.hf_tok_s:>9,.0f} "
-            f"{r.speed_ratio:>9.2f}x {spread:>13} {r.cpu_ratio:>5.2f}x "
+            f"{r.speed_ratio:>9.2f}x {spread:>13} {r.cpu_ratio:>5.2f}x {r.fwd_bwd_ratio:>6.2f}x "
             f"{_mem(r.ours_mem_mb):>12} {_mem(r.hf_mem_mb):>7} {mem_ratio:>11} {r.loss_diff:>8.1e}"
         )
 
@@ -443,7 +451,7 @@ def main(argv: list[str] | None = None) -> list[CaseResult]:
     parser.add_argument("--lengths", nargs="+", default=["var", "fixed"], choices=["var", "fixed"])
     parser.add_argument("--var-batch", type=int, default=8, help="sequences per var batch")
     parser.add_argument("--fixed-batch", type=int, default=2, help="1024-token rows per batch")
-    parser.add_argument("--repeats", type=int, default=3, help="timed pairs per case")
+    parser.add_argument("--repeats", type=int, default=5, help="timed pairs per case")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--shards", help="draw var lengths from this MDS split's samples")
     parser.add_argument("--json", help="also write the results and environment here")
