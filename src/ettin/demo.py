@@ -116,7 +116,9 @@ def plot_losses(runs: Path, out: Path) -> Path:
             rows = [r for r in _metrics(runs / name) if "loss/train/total" in r]
             if not rows:
                 continue
-            offset = 0 if "-from-" not in name else _last_batch(runs / f"demo-{name.split('-from-')[1]}")
+            offset = (
+                0 if "-from-" not in name else _last_batch(runs / f"demo-{name.split('-from-')[1]}")
+            )
             ax.plot(
                 [offset + r["batch"] for r in rows],
                 [r["loss/train/total"] for r in rows],
