@@ -1,7 +1,7 @@
 """Training-step speed and memory on CPU: ettin's model against Hugging Face ModernBERT, same run.
 
     .venv/bin/python bench/bench_model.py [--sizes 17m 68m] [--objectives mlm clm]
-        [--lengths var fixed] [--var-batch 8] [--fixed-batch 2] [--repeats 5] [--json PATH]
+        [--lengths var fixed] [--var-batch 4] [--fixed-batch 2] [--repeats 5] [--json PATH]
 
 Baselines: `ModernBertForMaskedLM` (encoder, MLM) and `ModernBertDecoderForCausalLM` (decoder,
 CLM) from transformers with `attn_implementation="sdpa"`, built from `ettin.interop.hf_config`
@@ -449,7 +449,7 @@ def main(argv: list[str] | None = None) -> list[CaseResult]:
     parser.add_argument("--sizes", nargs="+", default=["17m", "68m"])
     parser.add_argument("--objectives", nargs="+", default=["mlm", "clm"], choices=["mlm", "clm"])
     parser.add_argument("--lengths", nargs="+", default=["var", "fixed"], choices=["var", "fixed"])
-    parser.add_argument("--var-batch", type=int, default=8, help="sequences per var batch")
+    parser.add_argument("--var-batch", type=int, default=4, help="sequences per var batch")
     parser.add_argument("--fixed-batch", type=int, default=2, help="1024-token rows per batch")
     parser.add_argument("--repeats", type=int, default=5, help="timed pairs per case")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")

@@ -5,7 +5,7 @@
 Runs, each as its own process (so one's memory and threads do not affect the next):
 - bench_model.py: training step, ours vs Hugging Face ModernBERT (17m and 68m, MLM and CLM,
   variable and fixed lengths). By default the quick setting that keeps `make bench` under
-  10 minutes on 2 cores (3 timed pairs per case; batches of 8 variable-length sequences or
+  10 minutes on 2 cores (3 timed pairs per case; batches of 4 variable-length sequences or
   one 1024-token row); `--full` uses bench_model's own defaults (two 1024-token rows, 5 pairs).
 - bench_prep.py: prep tokens/s with worker processes vs the single-process baseline.
 - bench_loader.py: loader tokens/s vs what a 150m model consumes on one GPU.

@@ -125,22 +125,14 @@ def load_weights(
     model: EttinModel, state: dict[str, torch.Tensor], *, source: str = "checkpoint"
 ) -> None:
     """Copy `state` into `model`, naming the first missing, unexpected or mis-shaped tensor."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state and k != "decoder.weight"]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
+    from ettin.interop import load_hf_state_dict  # our names are the HF encoder names
+
+    try:
+        load_hf_state_dict(model, state)
+    except ValueError as err:
         raise CheckpointError(
-            f"{source} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]} "
-            "(was it written by another architecture?)"
-        )
-    for key, value in own.items():
-        if key in state and tuple(state[key].shape) != tuple(value.shape):
-            raise CheckpointError(
-                f"{source} is from another size: tensor '{key}' has shape {tuple(state[key].shape)}, "
-                f"this model expects {tuple(value.shape)}. Use a checkpoint of the same size "
-                "(or set model.size to the checkpoint's size)."
-            )
-    model.load_state_dict({k: v for k, v in state.items()}, strict=False)
+            f"{source}: {err}. Use a checkpoint of the same size (model.size) as this run."
+        ) from err
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[EttinModel, CheckpointInfo]:
