@@ -231,6 +231,8 @@ def run_demo(out: Path, data_root: Path, *, quick: bool = False) -> Path:
 def write_summary(
     out: Path, rows: list[dict], baselines: dict, shown: dict, plot: Path, minutes: float
 ) -> Path:
+    from ettin.eval.suite import markdown_table
+
     lines = [
         "# ettin demo",
         "",
@@ -241,13 +243,11 @@ def write_summary(
         "## Held-out results",
         "",
     ]
-    if rows:
-        keys = [k for k in rows[0] if k not in ("model",)]
-        lines.append("| model | " + " | ".join(keys) + " |")
-        lines.append("|---|" + "---|" * len(keys))
-        for r in rows:
-            cells = [f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys]
-            lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
+    if rows:  # the intrinsic scores; every task's columns are in eval/results.md
+        columns = ["model", "kind", "origin", "params"]
+        columns += [c for c in ("mlm_acc", "mlm_ce", "clm_acc", "clm_ce", "ppl") if c in rows[0]]
+        lines += markdown_table(rows, columns)
+        lines += ["", "Every task's scores: [eval/results.md](eval/results.md)."]
     lines += ["", "Did they learn? (held-out speeches; better than context-free baselines)", ""]
     lines += [f"- {v}" for v in verdicts(rows, baselines)]
     lines += [

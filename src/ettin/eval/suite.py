@@ -253,6 +253,22 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def markdown_table(rows: Sequence[Mapping], columns: Sequence[str]) -> list[str]:
+    """The lines of a Markdown table of `columns` (missing or NaN shown as –)."""
+    lines = [
+        "| " + " | ".join(columns) + " |",
+        "|"
+        + "|".join("---" if c in ("model", "kind", "origin") else "---:" for c in columns)
+        + "|",
+    ]
+    for r in rows:
+        cells = ["–" if _missing(r.get(c)) else _fmt(r.get(c)) for c in columns]
+        if columns[-1] == "seconds" and "seconds" in r:
+            cells[-1] = f"{r['seconds']:.1f}"
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def _order(rows: Sequence[Mapping]) -> list[Mapping]:
     """By size, then encoders before decoders, native before cross: pairs side by side."""
     return sorted(
@@ -283,18 +299,8 @@ def write_results(
         writer.writerow(columns)
         for r in rows:
             writer.writerow(["" if _missing(r.get(c)) else _csv_value(r.get(c)) for c in columns])
-    lines = [
-        "| " + " | ".join(columns) + " |",
-        "|"
-        + "|".join("---" if c in ("model", "kind", "origin") else "---:" for c in columns)
-        + "|",
-    ]
-    for r in rows:
-        cells = ["–" if _missing(r.get(c)) else _fmt(r.get(c)) for c in columns]
-        cells[-1] = f"{r['seconds']:.1f}" if "seconds" in r else "–"
-        lines.append("| " + " | ".join(cells) + " |")
     text = ["# Evaluation: encoders and decoders side by side", ""]
-    text += lines
+    text += markdown_table(rows, columns)
     text += [
         "",
         "Accuracies, F1, nDCG@10 and bias shares are fractions in [0, 1]; _ce is cross-entropy "
