@@ -124,3 +124,31 @@ def test_num_loss_tokens():
     assert num_loss_tokens({"attention_mask": mask, "labels": labels}, "mlm") == 3
     with pytest.raises(ValueError):
         num_loss_tokens({"attention_mask": mask}, "nsp")
+
+
+def test_batch_masking_equals_per_sequence_and_is_positional(tok, sets):
+    """The batched path is the per-sequence function: a batch's masks are each sample's own,
+    and a token's fate depends on (seed, epoch, sample_id, position) only, not on the length."""
+    from ettin.objectives import mlm_mask_batch
+
+    special, ordinary = sets
+    docs = [_doc(tok, n, seed) for n, seed in ((50, 1), (7, 2), (120, 3))]
+    batch = mlm_mask_batch(
+        docs,
+        sample_ids=[5, 9, 11],
+        epochs=[0, 1, 0],
+        seed=21,
+        p=0.3,
+        mask_id=tok.mask_token_id,
+        special_ids=special,
+        ordinary_ids=ordinary,
+    )
+    for doc, sid, epoch, (inputs, labels) in zip(docs, [5, 9, 11], [0, 1, 0], batch):
+        one = _mask(doc, tok, sets, sample_id=sid, epoch=epoch)
+        np.testing.assert_array_equal(inputs, one[0])
+        np.testing.assert_array_equal(labels, one[1])
+    long_doc = docs[2]
+    full = _mask(long_doc, tok, sets, sample_id=3)
+    prefix = _mask(long_doc[:60], tok, sets, sample_id=3)
+    np.testing.assert_array_equal(prefix[1], full[1][:60])
+    assert not np.array_equal(full[1], _mask(long_doc, tok, sets, sample_id=4)[1])

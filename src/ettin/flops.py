@@ -4,7 +4,7 @@ The count is the standard one: 2 FLOPs per multiply-accumulate of every matmul w
 plus the attention scores (QK^T) and the weighted values (AV) over the keys each query really
 sees, and 3x the forward pass for training (backward = 2x forward). Norms, activations, RoPE,
 softmax and the loss are left out (a few percent at most). The formula is written out in
-docs/architecture.md, "MFU formula".
+the README, "Performance".
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@
 MLM (encoder): each non-special position is selected with probability p; of the selected
 positions 80% become [MASK], 10% a random *ordinary* token (never a special, added or
 [unusedN] token) and 10% stay as they are; labels hold the original id at selected positions
-and -100 elsewhere. The random draws come from a generator seeded by (seed, epoch, sample_id)
-only, so a sample's mask is the same whatever the batch, rank, worker count or resumption, and
-changes from epoch to epoch.
+and -100 elsewhere. Each token's random draws are a counter-based hash (splitmix64) of
+(seed, epoch, sample_id, position) only, so a sample's mask is the same whatever the batch,
+rank, worker count or resumption, changes from epoch to epoch, and a whole batch is masked in a
+few vectorised numpy operations.
 
 CLM (decoder): no labels; the model predicts each next token inside a sequence, so a sequence
 of n tokens yields n - 1 targets.
@@ -14,7 +15,7 @@ of n tokens yields n - 1 targets.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -44,9 +45,77 @@ def token_sets(tokenizer: Any) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(sorted(special), np.int64), np.asarray(ordinary, np.int64)
 
 
-def mask_rng(seed: int, epoch: int, sample_id: int) -> np.random.Generator:
-    """The generator of one sample's mask: a function of (seed, epoch, sample_id) only."""
-    return np.random.default_rng([int(seed), int(epoch), int(sample_id)])
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser, elementwise on uint64 (wrapping arithmetic): a bijective hash."""
+    z = x + _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def _uniform(z: np.ndarray) -> np.ndarray:
+    """uint64 hashes -> floats in [0, 1) (the top 53 bits)."""
+    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def mask_draws(
+    seed: int, epochs: np.ndarray, sample_ids: np.ndarray, lengths: np.ndarray
+) -> np.ndarray:
+    """(sum(lengths),) uint64 counters, one per token of the concatenated sequences: hashes of
+    (seed, epoch, sample_id) plus 4 x position. Hashing counter + 0/1/2 gives a token's three
+    independent draws (select, kind, replacement), computed for a whole batch at once."""
+    with np.errstate(over="ignore"):
+        key = _splitmix64(np.full(len(sample_ids), seed, np.uint64))
+        key = _splitmix64(key ^ np.asarray(epochs, np.int64).astype(np.uint64))
+        key = _splitmix64(key ^ np.asarray(sample_ids, np.int64).astype(np.uint64))
+        starts = np.cumsum(lengths) - lengths
+        positions = np.arange(int(np.sum(lengths)), dtype=np.int64) - np.repeat(starts, lengths)
+        return np.repeat(key, lengths) + positions.astype(np.uint64) * np.uint64(4)
+
+
+def mlm_mask_batch(
+    seqs: Sequence[np.ndarray],
+    *,
+    sample_ids: Sequence[int],
+    epochs: Sequence[int],
+    seed: int,
+    p: float,
+    mask_id: int,
+    special_ids: np.ndarray | Iterable[int],
+    ordinary_ids: np.ndarray,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(inputs, labels) of each sequence for masked-LM (80% [MASK] / 10% random / 10% kept).
+
+    Vectorised over the batch: every draw is a counter-based hash of (seed, epoch, sample_id,
+    position), so a token's fate does not depend on the batch, the sequence's length, the rank,
+    the worker count or resumption."""
+    lengths = np.asarray([len(x) for x in seqs], np.int64)
+    ids = np.concatenate([np.asarray(x, np.int64) for x in seqs]) if len(seqs) else np.zeros(0)
+    ids = ids.astype(np.int64)
+    counters = mask_draws(seed, np.asarray(epochs), np.asarray(sample_ids), lengths)
+    with np.errstate(over="ignore"):
+        selected = _uniform(_splitmix64(counters)) < p
+        specials = np.asarray(special_ids, np.int64)
+        if len(specials) <= 32:  # a few comparisons beat np.isin's sort for the usual handful
+            for s in specials.tolist():
+                selected &= ids != s
+        else:
+            selected &= ~np.isin(ids, specials)
+        idx = np.flatnonzero(selected)
+        kind = _uniform(_splitmix64(counters[idx] + np.uint64(1)))
+        rand = idx[(kind >= 0.8) & (kind < 0.9)]
+        ordinary = np.asarray(ordinary_ids, np.int64)
+        picks = _splitmix64(counters[rand] + np.uint64(2)) % np.uint64(len(ordinary))
+    inputs = ids.copy()
+    inputs[idx[kind < 0.8]] = mask_id
+    inputs[rand] = ordinary[picks.astype(np.int64)]
+    labels = np.full(len(ids), IGNORE_INDEX, np.int64)
+    labels[idx] = ids[idx]
+    cuts = np.cumsum(lengths)[:-1]
+    return list(zip(np.split(inputs, cuts), np.split(labels, cuts)))
 
 
 def mlm_mask(
@@ -60,27 +129,17 @@ def mlm_mask(
     special_ids: np.ndarray | Iterable[int],
     ordinary_ids: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(inputs, labels) of one sequence for masked-LM (80% [MASK] / 10% random / 10% kept)."""
-    ids = np.asarray(ids, np.int64)
-    n = len(ids)
-    rng = mask_rng(seed, epoch, sample_id)
-    select_u, kind_u = rng.random(n), rng.random(n)
-    pick = rng.integers(0, len(ordinary_ids), n)
-    specials = np.asarray(special_ids, np.int64)
-    if len(specials) <= 32:  # a few comparisons beat np.isin's sort for the usual handful
-        is_special = np.zeros(n, bool)
-        for s in specials.tolist():
-            is_special |= ids == s
-    else:
-        is_special = np.isin(ids, specials)
-    selected = (select_u < p) & ~is_special
-    to_mask = selected & (kind_u < 0.8)
-    to_random = selected & (kind_u >= 0.8) & (kind_u < 0.9)
-    inputs = ids.copy()
-    inputs[to_mask] = mask_id
-    inputs[to_random] = np.asarray(ordinary_ids, np.int64)[pick[to_random]]
-    labels = np.where(selected, ids, IGNORE_INDEX)
-    return inputs, labels
+    """(inputs, labels) of one sequence; see `mlm_mask_batch`."""
+    return mlm_mask_batch(
+        [ids],
+        sample_ids=[sample_id],
+        epochs=[epoch],
+        seed=seed,
+        p=p,
+        mask_id=mask_id,
+        special_ids=special_ids,
+        ordinary_ids=ordinary_ids,
+    )[0]
 
 
 def _name(objective: Any) -> str:

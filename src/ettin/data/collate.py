@@ -1,7 +1,7 @@
 """Samples -> a batch dict (docs/CONTRACTS.md): pad-to-longest, or packing, plus MLM masks.
 
 Input items are `(sample_id, mask_epoch, ids)` as produced by the loader's dataset. Masks are
-drawn per sequence before padding or packing (`ettin.objectives.mlm_mask`), so they never
+drawn per sequence before padding or packing (`ettin.objectives.mlm_mask_batch`), so they never
 depend on how sequences share a row.
 
 Packing places whole sequences into rows of at most `max_seq_len` tokens by best-fit
@@ -19,12 +19,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ettin.objectives import IGNORE_INDEX, mlm_mask
+from ettin.objectives import IGNORE_INDEX, mlm_mask_batch
 
 
 @dataclass(frozen=True)
 class MaskSpec:
-    """What MLM masking needs (see `ettin.objectives.mlm_mask`)."""
+    """What MLM masking needs (see `ettin.objectives.mlm_mask_batch`)."""
 
     p: float
     seed: int
@@ -69,27 +69,25 @@ class Collator:
     packing: bool = False
     mlm: MaskSpec | None = None
 
-    def _mask(self, sid: int, epoch: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        if self.mlm is None:
-            return ids, None
-        m = self.mlm
-        return mlm_mask(
-            ids,
-            sample_id=sid,
-            epoch=epoch,
-            seed=m.seed,
-            p=m.p,
-            mask_id=m.mask_id,
-            special_ids=m.special_ids,
-            ordinary_ids=m.ordinary_ids,
-        )
-
     def __call__(self, items: Sequence[tuple[int, int, np.ndarray]]) -> dict[str, torch.Tensor]:
         if not items:
             raise ValueError("cannot collate an empty batch")
-        seqs = [self._mask(int(s), int(e), ids) for s, e, ids in items]
         sids = np.asarray([s for s, _, _ in items], np.int64)
         epochs = np.asarray([e for _, e, _ in items], np.int64)
+        if self.mlm is None:
+            seqs = [(ids, None) for _, _, ids in items]
+        else:
+            m = self.mlm
+            seqs = mlm_mask_batch(
+                [ids for _, _, ids in items],
+                sample_ids=sids,
+                epochs=epochs,
+                seed=m.seed,
+                p=m.p,
+                mask_id=m.mask_id,
+                special_ids=m.special_ids,
+                ordinary_ids=m.ordinary_ids,
+            )
         if self.packing:
             return self._packed(seqs, sids, epochs)
         return self._padded(seqs, sids, epochs)
