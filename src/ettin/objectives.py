@@ -61,7 +61,7 @@ def _uniform(z: np.ndarray) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
-def mask_draws(
+def _mask_counters(
     seed: int, epochs: np.ndarray, sample_ids: np.ndarray, lengths: np.ndarray
 ) -> np.ndarray:
     """(sum(lengths),) uint64 counters, one per token of the concatenated sequences: hashes of
@@ -93,9 +93,8 @@ def mlm_mask_batch(
     position), so a token's fate does not depend on the batch, the sequence's length, the rank,
     the worker count or resumption."""
     lengths = np.asarray([len(x) for x in seqs], np.int64)
-    ids = np.concatenate([np.asarray(x, np.int64) for x in seqs]) if len(seqs) else np.zeros(0)
-    ids = ids.astype(np.int64)
-    counters = mask_draws(seed, np.asarray(epochs), np.asarray(sample_ids), lengths)
+    ids = np.concatenate(seqs).astype(np.int64) if len(seqs) else np.zeros(0, np.int64)
+    counters = _mask_counters(seed, np.asarray(epochs), np.asarray(sample_ids), lengths)
     with np.errstate(over="ignore"):
         selected = _uniform(_splitmix64(counters)) < p
         specials = np.asarray(special_ids, np.int64)
