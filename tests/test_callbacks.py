@@ -142,6 +142,41 @@ def test_sequence_lengths_and_packing_efficiency() -> None:
     assert logger.metrics == [{"trainer/packing_efficiency": pytest.approx(0.75)}] * 2
 
 
+class _TrainingDevice:
+    """Stands in for Composer's training device: remembers the tensors it has moved there."""
+
+    def __init__(self) -> None:
+        self.moved: list[torch.Tensor] = []
+
+    def tensor_to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.moved.append(tensor.clone())
+        return self.moved[-1]
+
+
+def test_throughput_collectives_run_on_the_training_device(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """NCCL refuses host tensors: every all_reduce must get a tensor moved to `state.device`.
+
+    At BATCH_END Composer has restored the host copy of the batch, so statistics computed from it
+    live on the CPU; on a GPU run an all_reduce of them stopped training at the first window.
+    """
+    device = _TrainingDevice()
+    reduced: list[torch.Tensor] = []
+
+    def all_reduce(tensor: torch.Tensor, reduce_operation: str = "SUM") -> None:
+        assert any(tensor is t for t in device.moved), "all_reduce of a tensor not on the device"
+        reduced.append(tensor)
+
+    monkeypatch.setattr(speed_module.dist, "all_reduce", all_reduce)
+    callback = Throughput(window=2, flops_per_token_fn=lambda n: 1.0, peak_flops_per_device=1.0)
+    logger = Recorder()
+    state = SimpleNamespace(batch={"attention_mask": MASK}, device=device)
+    for _ in range(3):
+        callback.batch_end(state, logger)  # type: ignore[arg-type]
+    assert len(reduced) == 1 and len(logger.metrics) == 1
+
+
 def test_throughput_window(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = iter([0.0, 1.0, 1.5, 2.5, 4.0])
     monkeypatch.setattr(speed_module, "perf_counter", lambda: next(clock))
@@ -149,7 +184,7 @@ def test_throughput_window(monkeypatch: pytest.MonkeyPatch) -> None:
         window=2, flops_per_token_fn=lambda length: 100.0 * length, peak_flops_per_device=1e3
     )
     logger = Recorder()
-    state = SimpleNamespace(batch={"attention_mask": MASK})
+    state = SimpleNamespace(batch={"attention_mask": MASK}, device=_TrainingDevice())
     callback.batch_end(state, logger)  # t=0: the first batch only starts the clock
     callback.batch_end(state, logger)  # t=1
     callback.eval_start(state, logger)  # t=1.5 .. 2.5: one second of evaluation, not counted

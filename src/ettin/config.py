@@ -50,6 +50,12 @@ class ModelConfig:
     """Total sliding window of local layers (encoder: +-64; decoder: self + 63 previous)."""
     attn_out_dropout: float = 0.1
     """Dropout after the attention output projection (the reference's only dropout)."""
+    attn_impl: str = "auto"
+    """Attention backend: auto (flash on CUDA if installed, else flex on CUDA, else torch), flash,
+    flex (torch FlexAttention with a block mask), torch (exact SDPA path, the CPU oracle)."""
+
+    def __post_init__(self) -> None:
+        _choice("model.attn_impl", self.attn_impl, ("auto", "flash", "flex", "torch"))
 
 
 @dataclass(kw_only=True)
@@ -198,7 +204,12 @@ class RunConfig:
     parallelism: str = "ddp"
     """ddp (default) or fsdp (full sharding, for the large sizes)."""
     compile: bool = False
-    """torch.compile the model (GPU)."""
+    """torch.compile each transformer block (see docs/architecture.md, "The GPU path")."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass (less memory, ~1/3 more compute)."""
+    deterministic: bool = False
+    """Bit-deterministic kernels where the backends offer them (flash-attn's deterministic
+    backward, torch deterministic algorithms); slower on GPU, no effect on the CPU paths."""
 
     def __post_init__(self) -> None:
         _choice("precision", self.precision, ("auto", "fp32", "amp_bf16"))

@@ -32,7 +32,11 @@ def group_grad_norms(
             sq = grad.detach().float().pow(2).sum()
             total = sq if total is None else total + sq
         squares.append(total)
-    device = next((s.device for s in squares if s is not None), torch.device("cpu"))
+    # The parameters' device, not a guess: under sharding a rank may hold no gradient of a group,
+    # and the all_reduce below must still run on the training device (NCCL refuses host tensors).
+    device = next(
+        (p.device for group in param_groups for p in group["params"]), torch.device("cpu")
+    )
     stacked = torch.stack([s if s is not None else torch.zeros((), device=device) for s in squares])
     if sharded:
         dist.all_reduce(stacked, reduce_operation="SUM")
