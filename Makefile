@@ -7,7 +7,7 @@ ETTIN := $(BIN)/ettin
 RECIPE ?= recipes/ettin-17m.yaml
 DATA ?= data/sotu
 
-.PHONY: install test test-slow test-gpu lint format demo prep-data train bench clean
+.PHONY: install test test-slow test-gpu lint format demo prep-data train bench gpu-check wheelhouse clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -45,6 +45,33 @@ train: install  ## run a multi-stage recipe: make train RECIPE=recipes/ettin-150
 
 bench: install  ## CPU benchmarks: ratios against named baselines
 	$(BIN)/python bench/run_all.py
+
+# `make gpu-check` runs on a GPU machine's own python3 (its torch, no package index): it needs no
+# .venv. The Composer part installs the wheels of `make wheelhouse` from .gpu/ (carry that folder).
+GPU_PYTHON ?= python3
+gpu-check:  ## prove the GPU path (backends, compiled throughput, 130 Composer steps + resume)
+	PYTHONUNBUFFERED=1 $(GPU_PYTHON) bench/gpu_check.py
+
+# What the GPU machine cannot fetch: the wheels of the Composer part for CPython 3.12 (pure
+# Python, plus the few abi3/cp312 binaries), the tokenizer and a small prepared dataset.
+GPU_WHEELS_PURE := mosaicml==0.32.1 mosaicml-streaming==0.13.0 mosaicml-cli==0.7.5 \
+	torch-optimi==0.3.3 hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3 \
+	transformers==4.57.6 huggingface-hub==0.36.2 torchmetrics==1.7.4 coolname==2.2.0 \
+	importlib_metadata==8.9.0 catalogue==2.0.10 backoff==2.2.1 gql==3.5.3 graphql-core==3.2.6 \
+	questionary==2.0.1 prompt_toolkit==3.0.36 ruamel.yaml==0.19.1 validators==0.36.0 \
+	wcwidth==0.9.4 websockets==11.0.3 termcolor==3.3.0 argcomplete==3.7.2 arrow==1.4.0 \
+	paramiko==3.5.1 opentelemetry-api==1.45.2 python-snappy==0.7.3
+GPU_WHEELS_BINARY := tokenizers==0.22.2 cryptography==50.0.2 cffi==2.1.1 bcrypt==5.0.0 \
+	PyNaCl==1.6.2 brotli==1.2.1 cramjam==2.14.0 zstd==1.5.6.1 zstandard==0.25.0
+GPU_PLATFORMS := $(foreach p,manylinux_2_34 manylinux_2_28 manylinux_2_17 manylinux2014,--platform $(p)_x86_64)
+wheelhouse: install  ## .gpu/: wheels, tokenizer and data for `make gpu-check` on an offline GPU
+	rm -rf .gpu && mkdir -p .gpu/wheels
+	$(BIN)/pip wheel --quiet --no-deps -w .gpu/wheels $(GPU_WHEELS_PURE)
+	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp $(GPU_PLATFORMS) -d .gpu/wheels $(GPU_WHEELS_BINARY)
+	$(BIN)/python -c "from ettin.prep.tokenizer import build_ettin_tokenizer as b; import shutil; shutil.copytree(b(), '.gpu/tokenizer')"
+	$(ETTIN) prep data_prep/sotu.yaml --phases pretrain --out .gpu/data --quiet
+	du -sh .gpu .gpu/*
 
 clean:
 	rm -rf runs/demo .pytest_cache .ruff_cache

@@ -9,7 +9,7 @@ Runs, each as its own process (so one's memory and threads do not affect the nex
   one 1024-token row); `--full` uses bench_model's own defaults (two 1024-token rows, 5 pairs).
 - bench_prep.py: prep tokens/s with worker processes vs the single-process baseline.
 - bench_loader.py: loader tokens/s vs what a 150m model consumes on one GPU.
-- with `--gpu` (and CUDA), bench_gpu.py as well.
+- with `--gpu` (and CUDA), gpu_check.py (`make gpu-check`) as well.
 A script that is missing is reported as such; one that fails does not stop the others.
 """
 
@@ -159,7 +159,7 @@ def main() -> int:
     )
     parser.add_argument("--only", nargs="+", choices=["model", "prep", "loader"])
     parser.add_argument("--full", action="store_true", help="bench_model's full setting")
-    parser.add_argument("--gpu", action="store_true", help="also run bench_gpu.py (needs CUDA)")
+    parser.add_argument("--gpu", action="store_true", help="also run gpu_check.py (needs CUDA)")
     args = parser.parse_args()
     todo = args.only or ["model", "prep", "loader"]
 
@@ -188,9 +188,9 @@ def main() -> int:
             elif rc is not None:
                 failed.append("bench_loader.py")
         if args.gpu:
-            rc, _, _ = run("bench_gpu.py", [])
+            rc, _, _ = run("gpu_check.py", [])
             if rc not in (0, None):
-                failed.append("bench_gpu.py")
+                failed.append("gpu_check.py")
 
     total = time.perf_counter() - t0
     print(
