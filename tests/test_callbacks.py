@@ -14,7 +14,7 @@ from torch import nn
 from ettin.callbacks import GradNorm, HFExport, PackingEfficiency, Throughput
 from ettin.callbacks import speed as speed_module
 from ettin.callbacks.grad_norm import group_grad_norms
-from ettin.callbacks.packing import packing_efficiency
+from ettin.data.collate import packing_efficiency
 from ettin.callbacks.speed import sequence_lengths
 from ettin.flops import flops_per_token, mean_keys, peak_flops, peak_flops_from_name
 
@@ -133,7 +133,7 @@ MASK = torch.tensor(
 
 def test_sequence_lengths_and_packing_efficiency() -> None:
     assert sequence_lengths(MASK).tolist() == [[2, 3, 0, 0, 0, 0], [4, 0, 0, 0, 0, 0]]
-    assert packing_efficiency(MASK) == pytest.approx(9 / 12)
+    assert packing_efficiency({"attention_mask": MASK}) == pytest.approx(9 / 12)
 
     callback, logger = PackingEfficiency(interval=2), Recorder()
     for batch in range(4):

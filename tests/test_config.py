@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from ettin.config import ConfigError, load_config, to_yaml
-from ettin.recipe import TABLE_END, TABLE_START, format_plan, plan, run_files, suite_table
+from ettin.recipe import format_plan, plan
+from ettin.suite import TABLE_END, TABLE_START, generated_files, run_files, suite_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,17 +18,38 @@ def test_suite_has_48_run_files():
     assert len([f for f in files if f.parent.name == "cross"]) == 12
 
 
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir):
+    from ettin.prep.tokenizer import load_tokenizer
+
+    return load_tokenizer(tokenizer_dir)
+
+
 @pytest.mark.parametrize("path", run_files(), ids=lambda p: p.stem)
-def test_every_run_file_composes_and_builds_on_meta(path):
-    from ettin.model import EttinModel, model_args
+def test_every_run_file_builds_its_model_through_the_real_builder(path, tokenizer):
+    """Each run file composes, and theta, window, dropout and the objective's mask reach the
+    model the trainer would build (`ettin.train.build_model`, on `meta`: no memory)."""
+    from ettin.model import model_args, parameter_count
+    from ettin.train import build_model
 
     cfg = load_config(path)
     assert cfg.run_name == path.stem
     assert cfg.global_train_batch_size == 4608
-    args = model_args(cfg.model.size, causal=cfg.objective.name == "clm")
     with torch.device("meta"):
-        model = EttinModel(args)
-    assert sum(p.numel() for p in model.parameters()) > 10_000_000
+        model = build_model(cfg, tokenizer)
+    a = model.args
+    assert a.causal == (cfg.objective.name == "clm")
+    assert (a.global_rope_theta, a.local_rope_theta) == (
+        cfg.model.global_rope_theta,
+        cfg.model.local_rope_theta,
+    )
+    assert a.local_attention == cfg.model.local_attention == 128
+    assert a.attn_out_dropout == cfg.model.attn_out_dropout == 0.1
+    assert a.pad_token_id == tokenizer.pad_token_id and a.vocab_size == 50368
+    assert model.model.layers[1].attn.rope_theta == cfg.model.local_rope_theta  # layer 1 is local
+    assert sum(p.numel() for p in model.parameters()) == parameter_count(
+        model_args(cfg.model.size)
+    )["total"]
 
 
 @pytest.mark.parametrize(
@@ -42,7 +64,7 @@ def test_every_run_file_composes_and_builds_on_meta(path):
 )
 def test_reference_numbers(run, lr, micro, tokens, seq, theta):
     cfg = load_config(ROOT / "yamls" / f"{run}.yaml")
-    assert cfg.optim.lr == pytest.approx(lr)
+    assert cfg.optim.peak_lr == pytest.approx(lr)
     assert cfg.device_train_microbatch_size == micro
     assert cfg.max_duration == tokens
     assert cfg.data.max_seq_len == seq
@@ -117,10 +139,33 @@ def test_missing_file():
         load_config("yamls/nope.yaml")
 
 
-def test_recipe_doc_table_is_up_to_date():
+def test_suite_files_are_generated_from_the_table():
+    """Run files, recipes and the docs table are `ettin.suite`'s output, byte for byte."""
+    files = generated_files(ROOT)
+    assert len(files) == 48 + 6
+    stale = [str(p.relative_to(ROOT)) for p, text in files.items() if p.read_text() != text]
+    assert not stale, f"run `python -m ettin.suite` to regenerate: {stale}"
+    on_disk = {p for p in run_files()}
+    assert on_disk == {p for p in files if p.parent.parent.name != "recipes" and "yamls" in p.parts}
     text = (ROOT / "docs/recipe.md").read_text()
     table = text.split(TABLE_START)[1].split(TABLE_END)[0].strip()
-    assert table == suite_table().strip(), "run `python -m ettin.recipe` to refresh docs/recipe.md"
+    assert table == suite_table().strip(), "run `python -m ettin.suite` to refresh docs/recipe.md"
+
+
+def test_suite_lineage_and_phase_numbers():
+    """The decay and cross runs train at half the size's peak LR; each phase starts from its
+    predecessor's weights; nothing is said twice (the run files carry no LR of their own)."""
+    decay = load_config(ROOT / "yamls/encoder-150m-decay.yaml")
+    cross = load_config(ROOT / "yamls/cross/decoder-from-encoder-150m.yaml")
+    first = load_config(ROOT / "yamls/encoder-150m.yaml")
+    assert first.optim.peak_lr == 8e-4 and decay.optim.peak_lr == cross.optim.peak_lr == 4e-4
+    assert decay.init_from == "runs/encoder-150m-extension/checkpoints/latest-rank0.pt"
+    assert cross.init_from == "runs/encoder-150m-decay/checkpoints/latest-rank0.pt"
+    assert "lr" not in (ROOT / "yamls/encoder-150m-decay.yaml").read_text()
+    from ettin.optim import build_optimizer
+
+    groups = build_optimizer(torch.nn.Linear(2, 2), decay.optim).param_groups
+    assert {(g["lr"], g["max_lr"]) for g in groups} == {(4e-4, 4e-4)}  # the optimiser uses it
 
 
 def test_recipe_plan_chains_stages(tmp_path):
@@ -140,11 +185,12 @@ def test_recipe_plan_chains_stages(tmp_path):
     assert "encoder-from-decoder-68m" in text and ">= 360,276" in text
 
 
-def test_recipe_rejects_unknown_start(tmp_path):
+def test_recipe_rejects_a_stage_before_its_source(tmp_path):
     bad = tmp_path / "recipes" / "r.yaml"
     bad.parent.mkdir()
     bad.write_text(
-        f"name: r\nstages:\n  - run: {ROOT}/yamls/encoder-17m-decay.yaml\n    start_from: nope\n"
+        f"name: r\nstages:\n  - {ROOT}/yamls/encoder-17m-extension.yaml\n"
+        f"  - {ROOT}/yamls/encoder-17m.yaml\n"
     )
-    with pytest.raises(ConfigError, match="not an earlier stage"):
+    with pytest.raises(ConfigError, match="starts from encoder-17m .* list it earlier"):
         plan(bad)

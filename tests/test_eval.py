@@ -376,9 +376,10 @@ def hf_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
     ModernBertForMaskedLM(ModernBertConfig(**common)).save_pretrained(root / "enc-tiny")
-    ModernBertDecoderForCausalLM(ModernBertDecoderConfig(**common)).save_pretrained(
-        root / "dec-tiny-from-enc"
-    )
+    # The export records the lineage: this decoder continued an encoder (ettin_objectives).
+    ModernBertDecoderForCausalLM(
+        ModernBertDecoderConfig(**common, ettin_objectives=["mlm", "clm"])
+    ).save_pretrained(root / "dec-tiny-from-enc")
     for name in ("enc-tiny", "dec-tiny-from-enc"):
         tokenizer.save_pretrained(root / name)
     return root / "enc-tiny", root / "dec-tiny-from-enc"
@@ -387,8 +388,9 @@ def hf_models(tmp_path_factory):
 def test_load_detects_the_kind(hf_models, tmp_path):
     enc_dir, dec_dir = hf_models
     assert model_kind(enc_dir) == "encoder" and model_kind(dec_dir) == "decoder"
-    assert model_origin(enc_dir) == "native" and model_origin(dec_dir) == "cross"
     dec = EvalModel.load(dec_dir)
+    assert EvalModel.load(enc_dir).lineage == ["mlm"] and dec.lineage == ["mlm", "clm"]
+    assert model_origin(["mlm"]) == "native" and model_origin(dec.lineage) == "cross"
     assert dec.kind == "decoder" and dec.start_ids == [CLS] and dec.mask_id == MASK
     # The split scoring path equals the HF forward's logits.
     ids = torch.tensor([[CLS, 7, 8, 9, 10]])
@@ -463,8 +465,10 @@ def test_task_names_are_checked():
     ]
     with pytest.raises(ValueError, match="unknown task"):
         parse_tasks("intrinsics")
-    with pytest.raises(ValueError, match="glue"):
+    with pytest.raises(ValueError, match="name the glue task's name"):
         parse_tasks("glue")
+    with pytest.raises(ValueError, match="unknown task 'bias:x'"):
+        parse_tasks("bias:x")  # offline tasks take no argument
 
 
 # --------------------------------------------------------------------------- optional libraries, faked

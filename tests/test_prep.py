@@ -279,7 +279,8 @@ def test_source_targets_weights_fixed_natural():
     [
         (
             _mixture({"p": {"context_lenght": 8, "mix": {"a": {}}}}),
-            r"m\.yaml: unknown key 'phases\.p\.context_lenght' \(did you mean 'context_length'\?\)",
+            r"m\.yaml: unknown config key 'phases\.p\.context_lenght'; "
+            r"did you mean 'phases\.p\.context_length'\?",
         ),
         (
             _mixture({"p": {"context_length": 64, "mix": {"a": {}}}}, tokenizr="x"),
@@ -287,7 +288,8 @@ def test_source_targets_weights_fixed_natural():
         ),
         (
             _mixture({"p": {"context_length": 64, "mix": {"a": {"wieght": 1}}}}),
-            r"'phases\.p\.mix\.a\.wieght' \(did you mean 'weight'\?\); valid keys here: weight, tokens",
+            r"'phases\.p\.mix\.a\.wieght'; did you mean 'phases\.p\.mix\.a\.weight'\? "
+            r"Valid keys under 'phases\.p\.mix\.a': weight, tokens",
         ),
         (_mixture({"p": {"context_length": 64, "mix": {"b": {}}}}), r"unknown source\(s\) \['b'\]"),
         (
@@ -301,7 +303,7 @@ def test_source_targets_weights_fixed_natural():
             _mixture({"p": {"context_length": 64, "mix": {"a": {"weight": 1}}}}),
             r"phases\.p: .*have a weight but",
         ),
-        (_mixture({"p": {"mix": {"a": {}}}}), r"'phases\.p\.context_length' is required"),
+        (_mixture({"p": {"mix": {"a": {}}}}), r"required key not set: 'phases\.p\.context_length'"),
         (
             _mixture({"p": {"context_length": "long", "mix": {"a": {}}}}),
             r"bad value at 'phases\.p\.context_length'",

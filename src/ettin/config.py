@@ -1,9 +1,10 @@
 """The run configuration: a typed schema, Hydra composition, and validation.
 
-This is the only module that reads raw YAML. A run file under `yamls/` is composed with Hydra
-(groups: size, objective, phase, data, system), merged onto the `RunConfig` schema so that any
-unknown or misspelt key is an error that names it and suggests the closest valid key, and
-returned as a typed object that the builders read.
+A run file under `yamls/` is composed with Hydra (groups: size, objective, phase, dataset,
+system), merged onto the `RunConfig` schema so that any unknown or misspelt key is an error that
+names it and suggests the closest valid key, and returned as a typed object that the builders
+read. `validated` is the one way any YAML of the project (run files, mixture files, recipes)
+becomes a typed object, with the same checks and messages.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ import difflib
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -111,6 +114,13 @@ class OptimConfig:
     """Adam betas."""
     eps: float = 1e-6
     """Adam epsilon."""
+    lr_scale: float = 1.0
+    """Multiplier of `lr` in this phase (the decay phase and cross-objective runs use 0.5)."""
+
+    @property
+    def peak_lr(self) -> float:
+        """The peak learning rate of this run: lr x lr_scale (also StableAdamW's max_lr)."""
+        return self.lr * self.lr_scale
 
 
 @dataclass(kw_only=True)
@@ -164,7 +174,9 @@ class LoggingConfig:
 class RunConfig:
     run_name: str = MISSING
     """Name of the run; also the default run folder runs/<run_name>."""
-    run_dir: str = "runs/${run_name}"
+    runs_root: str = "runs"
+    """Folder holding one folder per run; run files find their predecessors here (`init_from`)."""
+    run_dir: str = "${runs_root}/${run_name}"
     """Folder for checkpoints, metrics, the data order and the exported model."""
     seed: int = 21
     """Seed for the model init and the MLM masks."""
@@ -202,7 +214,12 @@ class RunConfig:
     precision: str = "auto"
     """auto = amp_bf16 on GPU, fp32 on CPU."""
     parallelism: str = "ddp"
-    """ddp (default) or fsdp (full sharding, for the large sizes)."""
+    """ddp (default) or fsdp (FSDP2: each block and the root fully sharded, for the large sizes)."""
+    fsdp_param_dtype: str = "fp32"
+    """FSDP: dtype the parameters are all-gathered and computed in: fp32 (DDP's numerics; autocast
+    still runs matmuls in bf16) or bf16 (half the all-gather traffic, bf16 residual stream)."""
+    fsdp_reduce_dtype: str = "fp32"
+    """FSDP: dtype of the gradient reduce-scatter: fp32 (as DDP) or bf16 (the reference's PURE)."""
     compile: bool = False
     """torch.compile each transformer block (see docs/architecture.md, "The GPU path")."""
     activation_checkpointing: bool = False
@@ -214,6 +231,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         _choice("precision", self.precision, ("auto", "fp32", "amp_bf16"))
         _choice("parallelism", self.parallelism, ("ddp", "fsdp"))
+        _choice("fsdp_param_dtype", self.fsdp_param_dtype, ("fp32", "bf16"))
+        _choice("fsdp_reduce_dtype", self.fsdp_reduce_dtype, ("fp32", "bf16"))
         if self.device_train_microbatch_size <= 0 or self.global_train_batch_size <= 0:
             raise ConfigError("batch sizes must be positive")
 
@@ -224,25 +243,84 @@ def yamls_root() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[2] / "yamls"
 
 
-def unknown_key_message(full_key: str) -> str:
-    """'unknown config key X; did you mean Y? Valid keys here: ...' for a dotted key."""
-    node: Any = RunConfig
+def _dataclass_in(hint: Any) -> type | None:
+    """The dataclass a field annotation holds directly or as `X | None`; None otherwise."""
+    if is_dataclass(hint):
+        return hint
+    return next((a for a in get_args(hint) if is_dataclass(a)), None)
+
+
+def unknown_key_message(full_key: str, schema: type | None = None) -> str:
+    """'unknown config key X; did you mean Y? Valid keys under Z: ...' for a dotted key.
+
+    Walks `schema` (default RunConfig) down the key; a `dict[str, Dataclass]` field (a mixture's
+    `phases`, `sources`, `mix`) takes the next part as a free name.
+    """
+    node: Any = schema or RunConfig
     parts = full_key.split(".")
-    for depth, part in enumerate(parts):
-        own = {f.name: f for f in fields(node)}
+    depth = 0
+    while depth < len(parts):
+        own = {f.name for f in fields(node)}
+        part = parts[depth]
         if part in own and depth < len(parts) - 1:
-            sub = own[part].type
-            node = sub if isinstance(sub, type) else globals().get(str(sub))
-            if is_dataclass(node):
+            hint = get_type_hints(node)[part]
+            if get_origin(hint) is dict and is_dataclass(get_args(hint)[1]):
+                node, depth = get_args(hint)[1], depth + 2
+                continue
+            if _dataclass_in(hint):
+                node, depth = _dataclass_in(hint), depth + 1
                 continue
         prefix = ".".join(parts[:depth])
-        prefix = prefix + "." if prefix else ""
         msg = f"unknown config key '{full_key}'"
-        close = difflib.get_close_matches(part, list(own), n=1, cutoff=0.5)
+        close = difflib.get_close_matches(part, sorted(own), n=1, cutoff=0.5)
         if close:
-            msg += f"; did you mean '{prefix}{close[0]}'?"
-        return msg + f" Valid keys under '{prefix or '<top>'}': {', '.join(own)}"
+            msg += f"; did you mean '{prefix + '.' if prefix else ''}{close[0]}'?"
+        valid = ", ".join(f.name for f in fields(node))
+        return msg + f" Valid keys under '{prefix or '<top>'}': {valid}"
     return f"unknown config key '{full_key}'"
+
+
+def _build_parts(node: DictConfig, schema: type, where: str, error: type[Exception]) -> None:
+    """Build each entry of the schema's `dict[str, Dataclass]` fields first, innermost first, so
+    that a failed `__post_init__` check names the entry ('phases.short: ...')."""
+    for f in fields(schema):
+        hint = get_type_hints(schema)[f.name]
+        if get_origin(hint) is not dict or not is_dataclass(get_args(hint)[1]):
+            continue
+        for name, entry in node[f.name].items():
+            here = f"{where}{f.name}.{name}"
+            _build_parts(entry, get_args(hint)[1], here + ".", error)
+            try:
+                OmegaConf.to_object(entry)
+            except ValueError as err:
+                raise error(f"{here}: {err}") from None
+
+
+def validated(schema: type[T], raw: Any, where: str = "", error: type[Exception] = ConfigError) -> T:
+    """`raw` (a mapping or OmegaConf node) merged onto the dataclass `schema`, resolved, checked
+    (`__post_init__`) and built: the one way every YAML of the project becomes a typed object.
+
+    Every failure raises `error` naming `where` (a file) and the key: unknown keys with the
+    closest valid one, missing required keys, values of the wrong type, failed checks.
+    """
+    pre = f"{where}: " if where else ""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), raw)
+        OmegaConf.resolve(merged)
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise error(f"{pre}required key not set: {', '.join(repr(k) for k in missing)}")
+        _build_parts(merged, schema, pre, error)
+        return OmegaConf.to_object(merged)
+    except error:
+        raise
+    except ConfigKeyError as err:
+        raise error(pre + unknown_key_message(str(err.full_key), schema)) from None
+    except OmegaConfBaseException as err:
+        reason = str(err).splitlines()[0]
+        raise error(f"{pre}bad value at '{err.full_key}': {reason}") from None
+    except ValueError as err:  # a __post_init__ check of the top-level schema
+        raise error(f"{pre}{err}") from None
 
 
 def _find_root(path: Path) -> Path:
@@ -293,20 +371,7 @@ def compose(path: str | os.PathLike, overrides: list[str] | None = None) -> Dict
 
 def to_run_config(raw: DictConfig | dict) -> RunConfig:
     """Validate an untyped config against the schema and return the typed RunConfig."""
-    schema = OmegaConf.structured(RunConfig)
-    try:
-        merged = OmegaConf.merge(schema, raw)
-        OmegaConf.resolve(merged)
-        missing = sorted(OmegaConf.missing_keys(merged))
-        if missing:
-            raise ConfigError(f"required config keys not set: {', '.join(missing)}")
-        cfg = OmegaConf.to_object(merged)
-    except ConfigKeyError as err:
-        raise ConfigError(unknown_key_message(str(err.full_key))) from err
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"invalid config value: {err}") from err
-    assert isinstance(cfg, RunConfig)
-    return cfg
+    return validated(RunConfig, raw)
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import torch
 from composer.core import Callback, State
 from composer.loggers import Logger
 
-
-def packing_efficiency(attention_mask: torch.Tensor) -> float:
-    """Real tokens / (rows x columns): 1.0 means no padding at all."""
-    return (attention_mask > 0).sum().item() / attention_mask.numel()
-
+from ettin.data.collate import packing_efficiency
 
 class PackingEfficiency(Callback):
     """Every `interval` batches (from the first), logs trainer/packing_efficiency of the device batch.
@@ -28,5 +23,5 @@ class PackingEfficiency(Callback):
         if self.interval == 0 or int(state.timestamp.batch) % self.interval != 0:
             return
         logger.log_metrics(
-            {"trainer/packing_efficiency": packing_efficiency(state.batch["attention_mask"])}
+            {"trainer/packing_efficiency": packing_efficiency(state.batch)}
         )

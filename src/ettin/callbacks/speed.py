@@ -86,7 +86,7 @@ class Throughput(Callback):
         mask = state.batch["attention_mask"] if isinstance(state.batch, dict) else None
         if mask is None:
             raise KeyError(
-                "Throughput needs batches with an 'attention_mask' (see docs/CONTRACTS.md)"
+                "Throughput needs batches with an 'attention_mask' (docs/architecture.md, \"The batch\")"
             )
         if self._start is None:  # first batch: start the clock after it
             self._start, self._batches, self._totals = now, 0, None

@@ -1,4 +1,4 @@
-"""Samples -> a batch dict (docs/CONTRACTS.md): pad-to-longest, or packing, plus MLM masks.
+"""Samples -> a batch dict (docs/architecture.md, "The batch"): pad-to-longest, or packing, plus MLM masks.
 
 Input items are `(sample_id, mask_epoch, ids)` as produced by the loader's dataset. Masks are
 drawn per sequence before padding or packing (`ettin.objectives.mlm_mask_batch`), so they never
@@ -62,7 +62,8 @@ def packing_efficiency(batch: dict[str, torch.Tensor]) -> float:
 
 @dataclass
 class Collator:
-    """Turns a list of `(sample_id, mask_epoch, ids)` into the batch dict of CONTRACTS.md."""
+    """Turns a list of `(sample_id, mask_epoch, ids)` into a batch (docs/architecture.md,
+    "The batch")."""
 
     pad_id: int
     max_seq_len: int

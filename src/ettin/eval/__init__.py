@@ -5,8 +5,6 @@ tasks for both kinds, perplexity), `choice` (multiple choice by log-likelihood o
 pseudo-log-likelihood; the lm-evaluation-harness adapter), `classify` (fine-tuned pooled
 heads), `retrieval` (contrastive embeddings, nDCG@10), `bias` (pronoun preference), `tasks`
 (offline tasks from the bundled speeches; Hub benchmarks), `suite` (`run_suite`: tasks x models
--> results.md / .csv / .png), `cli` (`ettin eval`). Kept import-free so `ettin --help` stays fast.
+-> results.md / .csv / .png, and `TASKS`, the table of tasks), `cli` (`ettin eval`). Kept
+import-free so `ettin --help` stays fast.
 """
-
-OFFLINE_TASKS = ("intrinsic", "choice", "classify", "retrieval", "bias")
-HUB_TASKS = ("lm-eval", "glue", "nanobeir")

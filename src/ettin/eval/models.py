@@ -99,6 +99,10 @@ class EvalModel:
         if kind == "encoder" and self.mask_id is None:
             raise ValueError(f"{name}: an encoder needs a tokenizer with a mask token")
         self.max_length = int(min(getattr(module.config, "max_position_embeddings", 8192), 8192))
+        # The objectives of the run that made this model and of every run it started from,
+        # oldest first, as `ettin export` records them ("cross" when both appear).
+        own = "mlm" if kind == "encoder" else "clm"
+        self.lineage: list[str] = list(getattr(module.config, "ettin_objectives", None) or [own])
 
     @classmethod
     def load(

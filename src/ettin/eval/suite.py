@@ -1,21 +1,11 @@
 """Run tasks x models and write one comparison: results.md, results.csv, results.png.
 
 Each row is one model: its name, kind (encoder / decoder), origin (native, or cross for a
-cross-objective continuation), parameter count, then one column per metric. Task names:
-
-| task | columns | what |
-|---|---|---|
-| intrinsic | mlm_acc mlm_ce clm_acc clm_ce ppl | both objectives' tasks for both kinds; ppl for decoders |
-| choice | choice_acc choice_acc_norm | next-sentence multiple choice (log-likelihood / PLL) |
-| classify | era_acc era_f1 | paragraph era, fine-tuned pooled head |
-| retrieval | retrieval_ndcg10_zeroshot retrieval_ndcg10 | continuation retrieval, contrastive fine-tuning |
-| bias | bias_he bias_she bias_they bias_gap | Winogender-style pronoun preference |
-| lm-eval[:t1+t2...] | <task>_acc <task>_acc_norm | lm-evaluation-harness tasks (Hub) |
-| glue:<name> | glue_<name>_acc glue_<name>_f1 | GLUE fine-tuning (Hub) |
-| nanobeir[:d1+d2...] | nanobeir_<d>_ndcg10 | sentence-transformers on MS MARCO, NanoBEIR (Hub) |
-
-The first five are offline (built from the corpus folder); the last three need network access
-and `pip install 'ettin[eval]'`.
+cross-objective continuation, read from the lineage the export records), parameter count, then
+one column per metric. Every task is one row of `TASKS` below: its name, its columns, what it
+needs, and the function that runs it. The offline ones are built from the corpus folder; the
+Hub ones need network access and `pip install 'ettin[eval]'`. This module imports only the
+standard library at the top so that `ettin --help` stays fast; the scorers load when run.
 """
 
 from __future__ import annotations
@@ -26,35 +16,190 @@ import math
 import re
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import torch
 
-from ettin.eval import HUB_TASKS, OFFLINE_TASKS
-from ettin.eval.bias import OCCUPATIONS, build_bias_items, evaluate_bias
-from ettin.eval.choice import DEFAULT_LM_EVAL_TASKS, evaluate_choice, run_lm_eval
-from ettin.eval.classify import evaluate_classification
-from ettin.eval.intrinsic import evaluate_intrinsic
-from ettin.eval.models import EvalModel
-from ettin.eval.retrieval import (
-    NANOBEIR_DEFAULT,
-    evaluate_retrieval,
-    sentence_transformers_retrieval,
-)
-from ettin.eval.tasks import FULL, QUICK, Budget, OfflineTasks, build_offline_tasks, glue_task
+@dataclass(frozen=True)
+class Context:
+    """What a task runner gets besides the model: the data, the budget, the seed."""
 
-BASE_COLUMNS = ("model", "kind", "origin", "params")
-METRIC_COLUMNS: dict[str, tuple[str, ...]] = {
-    "intrinsic": ("mlm_acc", "mlm_ce", "clm_acc", "clm_ce", "ppl"),
-    "choice": ("choice_acc", "choice_acc_norm"),
-    "classify": ("era_acc", "era_f1"),
-    "retrieval": ("retrieval_ndcg10_zeroshot", "retrieval_ndcg10"),
-    "bias": ("bias_he", "bias_she", "bias_they", "bias_gap"),
+    source: str | Path  # the model's folder or Hub name
+    offline: Any  # ettin.eval.tasks.OfflineTasks, or None when no task needs the corpus
+    budget: Any  # ettin.eval.tasks.Budget
+    seed: int
+    arg: str  # what follows "name:" in the task name (Hub tasks)
+
+
+def _intrinsic(model, c: Context) -> dict[str, float]:
+    from ettin.eval.intrinsic import evaluate_intrinsic
+
+    b = c.budget
+    return evaluate_intrinsic(
+        model,
+        c.offline.intrinsic_texts,
+        seq_len=b.seq_len,
+        num_chunks=b.intrinsic_chunks,
+        clm_positions=b.clm_positions,
+        seed=c.seed,
+    )
+
+
+def _choice(model, c: Context) -> dict[str, float]:
+    from ettin.eval.choice import evaluate_choice
+
+    return {f"choice_{k}": v for k, v in evaluate_choice(model, c.offline.choice).items()}
+
+
+def _classify(model, c: Context) -> dict[str, float]:
+    from ettin.eval.classify import evaluate_classification
+
+    b = c.budget
+    metrics = evaluate_classification(
+        model,
+        c.offline.classify,
+        mode=b.classify_mode,
+        steps=b.classify_steps,
+        max_length=b.text_len,
+        train_embeddings=b.train_embeddings,
+        seed=c.seed,
+    )
+    return {f"era_{k}": v for k, v in metrics.items()}
+
+
+def _retrieval(model, c: Context) -> dict[str, float]:
+    from ettin.eval.retrieval import evaluate_retrieval
+
+    b = c.budget
+    metrics = evaluate_retrieval(
+        model,
+        c.offline.retrieval,
+        steps=b.retrieval_steps,
+        max_length=b.text_len,
+        train_embeddings=b.train_embeddings,
+        seed=c.seed,
+    )
+    return {f"retrieval_{k}": v for k, v in metrics.items()}
+
+
+def _bias(model, c: Context) -> dict[str, float]:
+    from ettin.eval.bias import OCCUPATIONS, build_bias_items, evaluate_bias
+
+    items = c.offline.bias if c.offline is not None else None
+    items = items or build_bias_items(OCCUPATIONS[: c.budget.bias_occupations])
+    return {f"bias_{k}": v for k, v in evaluate_bias(model, items).items()}
+
+
+def _lm_eval(model, c: Context) -> dict[str, float]:
+    from ettin.eval.choice import DEFAULT_LM_EVAL_TASKS, run_lm_eval
+
+    names = c.arg.split("+") if c.arg else list(DEFAULT_LM_EVAL_TASKS)
+    return run_lm_eval(model, names, limit=c.budget.lm_eval_limit)
+
+
+def _glue(model, c: Context) -> dict[str, float]:
+    from ettin.eval.classify import evaluate_classification
+    from ettin.eval.tasks import glue_task
+
+    data = glue_task(c.arg, max_train=c.budget.glue_limit, max_test=c.budget.glue_limit)
+    steps = max(c.budget.classify_steps, len(data.train_texts) * 3 // 32)
+    metrics = evaluate_classification(model, data, steps=steps, batch_size=32, lr=5e-5, seed=c.seed)
+    return {f"glue_{c.arg}_{k}": v for k, v in metrics.items()}
+
+
+def _nanobeir(model, c: Context) -> dict[str, float]:
+    from ettin.eval.retrieval import NANOBEIR_DEFAULT, sentence_transformers_retrieval
+
+    datasets = c.arg.split("+") if c.arg else list(NANOBEIR_DEFAULT)
+    return sentence_transformers_retrieval(
+        str(c.source), train_pairs=c.budget.msmarco_pairs, datasets=datasets
+    )
+
+
+@dataclass(frozen=True)
+class Task:
+    """One evaluation task: everything about it in one place."""
+
+    name: str
+    columns: tuple[str, ...]  # its metric columns (Hub tasks: a pattern; they depend on `arg`)
+    what: str
+    run: Callable[[Any, Context], dict[str, float]]
+    corpus: bool = False  # built from the speeches folder
+    hub: bool = False  # needs network access and `pip install 'ettin[eval]'`
+    arg: str = ""  # the argument the name takes after ':' ("" = none); `required` if it must
+    required: bool = False
+
+
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in (
+        Task(
+            "intrinsic",
+            ("mlm_acc", "mlm_ce", "clm_acc", "clm_ce", "ppl"),
+            "both objectives' tasks for both kinds; ppl for decoders",
+            _intrinsic,
+            corpus=True,
+        ),
+        Task(
+            "choice",
+            ("choice_acc", "choice_acc_norm"),
+            "next-sentence multiple choice (log-likelihood / PLL)",
+            _choice,
+            corpus=True,
+        ),
+        Task(
+            "classify",
+            ("era_acc", "era_f1"),
+            "paragraph era, fine-tuned pooled head",
+            _classify,
+            corpus=True,
+        ),
+        Task(
+            "retrieval",
+            ("retrieval_ndcg10_zeroshot", "retrieval_ndcg10"),
+            "continuation retrieval, contrastive fine-tuning",
+            _retrieval,
+            corpus=True,
+        ),
+        Task(
+            "bias",
+            ("bias_he", "bias_she", "bias_they", "bias_gap"),
+            "Winogender-style pronoun preference",
+            _bias,
+        ),
+        Task(
+            "lm-eval",
+            ("<task>_acc", "<task>_acc_norm"),
+            "lm-evaluation-harness tasks",
+            _lm_eval,
+            hub=True,
+            arg="task+task",
+        ),
+        Task(
+            "glue",
+            ("glue_<name>_acc", "glue_<name>_f1"),
+            "GLUE fine-tuning",
+            _glue,
+            hub=True,
+            arg="name",
+            required=True,
+        ),
+        Task(
+            "nanobeir",
+            ("nanobeir_<d>_ndcg10",),
+            "sentence-transformers on MS MARCO, NanoBEIR",
+            _nanobeir,
+            hub=True,
+            arg="dataset+dataset",
+        ),
+    )
 }
+OFFLINE_TASKS = tuple(name for name, t in TASKS.items() if not t.hub)
+HUB_TASKS = tuple(name for name, t in TASKS.items() if t.hub)
+METRIC_COLUMNS = {name: t.columns for name, t in TASKS.items() if not t.hub}
+BASE_COLUMNS = ("model", "kind", "origin", "params")
 LOWER_IS_BETTER = re.compile(r"(_ce|ppl|perplexity)$")
-CROSS_NAME = re.compile(
-    r"cross|(enc|dec|mlm|clm|encoder|decoder)[-_]from[-_]|from[-_](enc|dec|mlm|clm)"
-)
 
 
 def parse_tasks(tasks: Sequence[str] | str | None) -> list[str]:
@@ -64,90 +209,21 @@ def parse_tasks(tasks: Sequence[str] | str | None) -> list[str]:
     if isinstance(tasks, str):
         tasks = tasks.split(",")
     out = [t.strip() for t in tasks if t.strip()]
-    for t in out:
-        if t not in OFFLINE_TASKS and t.split(":")[0] not in HUB_TASKS:
-            raise ValueError(
-                f"unknown task {t!r}: choose from {', '.join(OFFLINE_TASKS)}, "
-                "lm-eval[:task+task], glue:<name>, nanobeir[:dataset+dataset]"
-            )
-        if t.startswith("glue") and ":" not in t:
-            raise ValueError("name the GLUE task: glue:sst2, glue:mnli, ...")
+    for name in out:
+        base, _, arg = name.partition(":")
+        task = TASKS.get(base)
+        if task is None or (arg and not task.arg):
+            usage = ", ".join(f"{n}:{t.arg}" if t.arg else n for n, t in TASKS.items())
+            raise ValueError(f"unknown task {name!r}: choose from {usage}")
+        if task.required and not arg:
+            raise ValueError(f"name the {base} task's {task.arg}: {base}:<{task.arg}>")
     return out
 
 
-def model_origin(source: str | Path) -> str:
-    """Return "cross" when the directory name says so (e.g. `...-cross`, `dec-from-enc`), else
-    "native". Pass `origins` to `run_suite` (or `--cross` on the command line) to be explicit."""
-    return "cross" if CROSS_NAME.search(Path(str(source)).name.lower()) else "native"
-
-
-def _run_task(
-    task: str,
-    model: EvalModel,
-    source: str | Path,
-    offline: OfflineTasks | None,
-    budget: Budget,
-    seed: int,
-) -> dict[str, float]:
-    if task == "intrinsic":
-        assert offline is not None
-        return evaluate_intrinsic(
-            model,
-            offline.intrinsic_texts,
-            seq_len=budget.seq_len,
-            num_chunks=budget.intrinsic_chunks,
-            clm_positions=budget.clm_positions,
-            seed=seed,
-        )
-    if task == "choice":
-        assert offline is not None
-        return {f"choice_{k}": v for k, v in evaluate_choice(model, offline.choice).items()}
-    if task == "classify":
-        assert offline is not None
-        metrics = evaluate_classification(
-            model,
-            offline.classify,
-            mode=budget.classify_mode,
-            steps=budget.classify_steps,
-            max_length=budget.text_len,
-            train_embeddings=budget.train_embeddings,
-            seed=seed,
-        )
-        return {f"era_{k}": v for k, v in metrics.items()}
-    if task == "retrieval":
-        assert offline is not None
-        metrics = evaluate_retrieval(
-            model,
-            offline.retrieval,
-            steps=budget.retrieval_steps,
-            max_length=budget.text_len,
-            train_embeddings=budget.train_embeddings,
-            seed=seed,
-        )
-        return {f"retrieval_{k}": v for k, v in metrics.items()}
-    if task == "bias":
-        if offline is not None:
-            bias_items = offline.bias
-        else:
-            bias_items = build_bias_items(OCCUPATIONS[: budget.bias_occupations])
-        return {f"bias_{k}": v for k, v in evaluate_bias(model, bias_items).items()}
-    name, _, arg = task.partition(":")
-    if name == "lm-eval":
-        names = arg.split("+") if arg else list(DEFAULT_LM_EVAL_TASKS)
-        return run_lm_eval(model, names, limit=budget.lm_eval_limit)
-    if name == "glue":
-        data = glue_task(arg, max_train=budget.glue_limit, max_test=budget.glue_limit)
-        steps = max(budget.classify_steps, len(data.train_texts) * 3 // 32)
-        metrics = evaluate_classification(
-            model, data, steps=steps, batch_size=32, lr=5e-5, seed=seed
-        )
-        return {f"glue_{arg}_{k}": v for k, v in metrics.items()}
-    if name == "nanobeir":
-        datasets = arg.split("+") if arg else list(NANOBEIR_DEFAULT)
-        return sentence_transformers_retrieval(
-            str(source), train_pairs=budget.msmarco_pairs, datasets=datasets
-        )
-    raise ValueError(f"unknown task {task!r}")
+def model_origin(lineage: Sequence[str]) -> str:
+    """ "cross" when the model's lineage (the objectives of its run and every run it started
+    from, as the export records them) holds both objectives, else "native"."""
+    return "cross" if len(set(lineage)) > 1 else "native"
 
 
 def run_suite(
@@ -169,15 +245,18 @@ def run_suite(
     `model_dirs`: exported HF directories (or Hub names with network access). `corpus_dir`:
     the speeches folder for the offline tasks (unused if only bias / Hub tasks run). `quick`:
     the small budget of `tasks.QUICK` (the demo). `origins`: model name or path -> "native" /
-    "cross", overriding `model_origin`. `threads`: torch CPU threads while evaluating (restored
-    after); 1 is often fastest for small models on a CPU shared with other processes. `heldout`:
-    the speech file names to score on (e.g. a prepared validation split's documents).
-    Returns one dict per model (see the module table)."""
+    "cross", overriding the lineage the export records. `threads`: torch CPU threads while
+    evaluating (restored after); 1 is often fastest for small models on a CPU shared with other
+    processes. `heldout`: the speech file names to score on (e.g. a prepared validation split's
+    documents). Returns one dict per model (see `TASKS`)."""
+    import torch
+
+    from ettin.eval.tasks import FULL, QUICK, build_offline_tasks
+
     task_list = parse_tasks(tasks)
     budget = QUICK if quick else FULL
-    needs_corpus = any(t in ("intrinsic", "choice", "classify", "retrieval") for t in task_list)
     offline = None
-    if needs_corpus:
+    if any(TASKS[t.partition(":")[0]].corpus for t in task_list):
         if corpus_dir is None:
             raise ValueError("the offline tasks need a corpus folder (--corpus)")
         offline = build_offline_tasks(corpus_dir, budget, seed, heldout)
@@ -200,29 +279,32 @@ def run_suite(
 def _evaluate_model(
     source: str | Path,
     task_list: Sequence[str],
-    offline: OfflineTasks | None,
-    budget: Budget,
+    offline: Any,
+    budget: Any,
     seed: int,
     device: str | None,
     origins: Mapping[str, str] | None,
     log: Callable[[str], None],
 ) -> dict:
+    from ettin.eval.models import EvalModel
+
     started = time.perf_counter()
     model = EvalModel.load(source, device=device)
     origins = origins or {}
-    origin = origins.get(model.name) or origins.get(str(source)) or model_origin(source)
+    origin = origins.get(model.name) or origins.get(str(source)) or model_origin(model.lineage)
     row: dict = {
         "model": model.name,
         "kind": model.kind,
         "origin": origin,
         "params": model.num_parameters(),
     }
-    for task in task_list:
+    for name in task_list:
         t0 = time.perf_counter()
-        metrics = _run_task(task, model, source, offline, budget, seed)
+        base, _, arg = name.partition(":")
+        metrics = TASKS[base].run(model, Context(source, offline, budget, seed, arg))
         row.update(metrics)
         shown = ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
-        log(f"eval {model.name} [{model.kind}] {task}: {shown} ({time.perf_counter() - t0:.1f}s)")
+        log(f"eval {model.name} [{model.kind}] {name}: {shown} ({time.perf_counter() - t0:.1f}s)")
     row["seconds"] = round(time.perf_counter() - started, 1)
     del model
     gc.collect()

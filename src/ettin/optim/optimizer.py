@@ -38,7 +38,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> StableAdamW:
-    """StableAdamW over `param_groups(model)`, weight decay scaled by lr / cfg.lr (max_lr).
+    """StableAdamW over `param_groups(model)`, weight decay scaled by lr / peak lr (max_lr).
 
     `kahan_sum=None` turns Kahan summation on only for bf16/fp16 parameters (off under amp_bf16,
     whose master weights are fp32). Triton kernels on CUDA machines (faster than foreach, which
@@ -49,12 +49,12 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> StableAdamW:
         raise ValueError(f"optim.betas must have two values, got {cfg.betas}")
     return StableAdamW(
         param_groups(model, cfg.weight_decay),
-        lr=cfg.lr,
+        lr=cfg.peak_lr,  # lr x lr_scale (half in the decay and cross phases)
         betas=(float(cfg.betas[0]), float(cfg.betas[1])),
         eps=cfg.eps,
         weight_decay=cfg.weight_decay,
         decouple_lr=True,
-        max_lr=cfg.lr,
+        max_lr=cfg.peak_lr,
         kahan_sum=None,
         triton=torch.cuda.is_available(),
     )

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import difflib
 import os
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_type_hints
+from typing import Any
 
 from ettin.prep.errors import PrepError
 from ettin.prep.readers import FORMATS
@@ -158,68 +158,11 @@ def _suggest(word: str, valid: Any) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _schema_at(parts: list[str]) -> type | None:
-    """The dataclass that holds the last part of a dotted key path (dict keys are skipped)."""
-    node: Any = Mixture
-    i = 0
-    while i < len(parts) - 1:
-        hint = get_type_hints(node).get(parts[i]) if is_dataclass(node) else None
-        if hint is None:
-            return None
-        if getattr(hint, "__origin__", None) is dict:
-            node = get_args(hint)[1]
-            i += 2  # the next part is a name (source, phase, mix entry)
-        else:
-            node = hint
-            i += 1
-    return node if is_dataclass(node) else None
-
-
-def _unknown_key_message(where: str, full_key: str) -> str:
-    parts = full_key.split(".")
-    schema = _schema_at(parts)
-    valid = [f.name for f in fields(schema)] if schema else []
-    return (
-        f"{where}: unknown key {full_key!r}{_suggest(parts[-1], valid)}; valid keys here: "
-        f"{', '.join(valid)}"
-    )
-
-
-def _build(node: Any, where: str) -> None:
-    from omegaconf import OmegaConf
-
-    try:
-        OmegaConf.to_object(node)
-    except ValueError as err:
-        raise PrepError(f"{where}: {err}") from None
-
-
 def parse_mixture(raw: Any, where: str = "<mixture>") -> Mixture:
     """Validate a mapping (or OmegaConf node) against the schema; errors name `where`."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
+    from ettin.config import validated
 
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(Mixture), raw)
-        # Build the parts first, so that a failed check names the phase or source concerned.
-        for name, phase in merged.phases.items():
-            for source, entry in phase.mix.items():
-                _build(entry, f"{where}: phases.{name}.mix.{source}")
-            _build(phase, f"{where}: phases.{name}")
-        for name, source in merged.sources.items():
-            _build(source, f"{where}: sources.{name}")
-        return OmegaConf.to_object(merged)
-    except PrepError:
-        raise
-    except ConfigKeyError as err:
-        raise PrepError(_unknown_key_message(where, str(err.full_key))) from None
-    except MissingMandatoryValue as err:
-        raise PrepError(f"{where}: {err.full_key!r} is required") from None
-    except OmegaConfBaseException as err:
-        msg = str(err).splitlines()[0]
-        raise PrepError(f"{where}: bad value at {err.full_key!r}: {msg}") from None
-    except ValueError as err:
-        raise PrepError(f"{where}: {err}") from None
+    return validated(Mixture, raw, where, PrepError)
 
 
 def load_mixture(path: str | os.PathLike) -> Mixture:
