@@ -12,10 +12,10 @@ DATA ?= data/sotu
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip==25.1.1 setuptools wheel
-	$(BIN)/pip install -e '.[test]'
+	$(BIN)/pip install -e '.[test,downstream]'
 	touch $(STAMP)
 
-install: $(STAMP)  ## create .venv and install ettin (editable) with the test extras
+install: $(STAMP)  ## create .venv and install ettin (editable) with the test and downstream extras
 
 test: install  ## the default (CPU) test suite
 	$(BIN)/python -m pytest

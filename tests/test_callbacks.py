@@ -14,8 +14,8 @@ from torch import nn
 from ettin.callbacks import GradNorm, HFExport, PackingEfficiency, Throughput
 from ettin.callbacks import speed as speed_module
 from ettin.callbacks.grad_norm import group_grad_norms
-from ettin.data.collate import packing_efficiency
 from ettin.callbacks.speed import sequence_lengths
+from ettin.data.collate import packing_efficiency
 from ettin.flops import flops_per_token, mean_keys, peak_flops, peak_flops_from_name
 
 
@@ -239,14 +239,17 @@ def test_grad_norm_covers_all_groups() -> None:
 def test_hf_export_calls_interop(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     calls = []
     fake = ModuleType("ettin.interop")
-    fake.export_hf = lambda model, out_dir, tokenizer=None: calls.append(
-        (model, out_dir, tokenizer)
+    fake.export_hf = lambda model, out_dir, tokenizer=None, **options: calls.append(
+        (model, out_dir, tokenizer, options)
     )  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "ettin.interop", fake)
-    inner = nn.Linear(2, 2)
-    state = SimpleNamespace(model=SimpleNamespace(model=inner), fsdp_enabled=False)
-    HFExport(tmp_path / "hf", tokenizer_dir="tok").fit_end(state, Recorder())  # type: ignore[arg-type]
-    assert calls == [(inner, tmp_path / "hf", "tok")]
+    composer_model = nn.Module()
+    composer_model.model = nn.Linear(2, 2)  # the wrapped EttinModel
+    state = SimpleNamespace(model=composer_model, fsdp_enabled=False)
+    export = HFExport(tmp_path / "hf", tokenizer_dir="tok", max_seq_len=128, objectives=["mlm"])
+    export.fit_end(state, Recorder())  # type: ignore[arg-type]
+    options = {"max_seq_len": 128, "objectives": ["mlm"]}  # recorded in the export
+    assert calls == [(composer_model.model, tmp_path / "hf", "tok", options)]
 
 
 # ---------------------------------------------------------------- inside a Composer run
@@ -258,6 +261,7 @@ def test_callbacks_in_a_composer_run() -> None:
     from composer.models import ComposerModel
 
     from ettin.callbacks import LRMonitor
+    from ettin.config import SchedulerConfig
     from ettin.optim import WarmupStableDecay
 
     class Toy(ComposerModel):
@@ -289,7 +293,7 @@ def test_callbacks_in_a_composer_run() -> None:
         max_duration="4ba",
         device_train_microbatch_size=1,  # two microbatches: accumulated gradients
         optimizers=opt,
-        schedulers=WarmupStableDecay("2ba", "2ba", 0.5),
+        schedulers=WarmupStableDecay(SchedulerConfig(t_warmup="2ba", t_decay="2ba", alpha_f=0.5)),
         callbacks=[GradNorm(2), PackingEfficiency(2), Throughput(window=2), LRMonitor()],
         loggers=[memory],
         device="cpu",

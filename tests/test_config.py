@@ -47,9 +47,10 @@ def test_every_run_file_builds_its_model_through_the_real_builder(path, tokenize
     assert a.attn_out_dropout == cfg.model.attn_out_dropout == 0.1
     assert a.pad_token_id == tokenizer.pad_token_id and a.vocab_size == 50368
     assert model.model.layers[1].attn.rope_theta == cfg.model.local_rope_theta  # layer 1 is local
-    assert sum(p.numel() for p in model.parameters()) == parameter_count(
-        model_args(cfg.model.size)
-    )["total"]
+    assert (
+        sum(p.numel() for p in model.parameters())
+        == parameter_count(model_args(cfg.model.size))["total"]
+    )
 
 
 @pytest.mark.parametrize(

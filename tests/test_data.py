@@ -258,6 +258,10 @@ def test_eval_is_fixed_and_covers_every_sample_once(phase, tok):
     again = list(_spec(phase, tok, split="val", rank=0, world=2, batch=8).dataloader)
     assert all(torch.equal(a["labels"], b["labels"]) for a, b in zip(per_rank[0], again))
     assert all((b["epoch"] == 0).all() for b in per_rank[0])
+    # Composer drops `sampler.total_size - len(dataset)` "padding" samples from the last eval
+    # batch (DistributedSampler pads); nothing is padded here, so it must drop none (21 is odd).
+    sampler = specs[1].dataloader.batch_sampler
+    assert sampler.total_size - len(sampler.dataset) == 0
 
 
 def test_eval_tail_smaller_than_world_is_merged(phase, tok):

@@ -122,4 +122,6 @@ if __name__ == "__main__":
     GOLDEN.parent.mkdir(exist_ok=True)
     curves = {objective: losses(objective) for objective in ("mlm", "clm")}
     GOLDEN.write_text(json.dumps(curves, indent=1) + "\n")
-    print(f"wrote {GOLDEN}: " + ", ".join(f"{k} {v[0]:.4f} -> {v[-1]:.4f}" for k, v in curves.items()))
+    print(
+        f"wrote {GOLDEN}: " + ", ".join(f"{k} {v[0]:.4f} -> {v[-1]:.4f}" for k, v in curves.items())
+    )

@@ -1,4 +1,12 @@
-"""GPU only: the flash-attn varlen backend agrees with the exact torch backend (bf16 tolerance)."""
+"""GPU only: the fast attention backends (flash-attn varlen, compiled FlexAttention) against an
+fp32 reference, and the compiled blocks under bf16 autocast.
+
+bf16 is not exact, and for this tiny model with peaky weights its noise is large (logits of
+magnitude ~5 differ from fp32 by ~0.1 even on the exact torch path). So a fast backend is held
+to the torch path's own bf16 error: each backend's error against the fp32 torch reference must
+be within 1.5x the bf16 torch path's error (+ a small absolute slack), for the logits, the loss
+and the parameter gradients, encoder and decoder, with global and local layers.
+"""
 
 import importlib.util
 
@@ -10,26 +18,31 @@ from ettin.model import EttinModel, model_args
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
-    pytest.mark.skipif(
-        importlib.util.find_spec("flash_attn") is None,
-        reason="needs flash-attn: pip install -e '.[gpu]'",
-    ),
 ]
 
 VOCAB = 256
+HAS_FLASH = importlib.util.find_spec("flash_attn") is not None
+FAST = [
+    pytest.param(
+        "flash",
+        marks=pytest.mark.skipif(not HAS_FLASH, reason="needs flash-attn: pip install -e '.[gpu]'"),
+    ),
+    "flex",
+]
+RATIO, SLACK = 1.5, 1e-2
 
 
 def tiny(causal: bool) -> EttinModel:
     torch.manual_seed(0)
     args = model_args("test", vocab_size=VOCAB, pad_token_id=0, causal=causal, local_attention=16)
-    model = EttinModel(args).cuda().eval()
+    model = EttinModel(args).cuda()
     with torch.no_grad():  # peaky attention, so a wrong window or mask shows
         for p in model.parameters():
             p.copy_(1 + 0.1 * torch.randn_like(p) if p.ndim == 1 else 0.15 * torch.randn_like(p))
     return model
 
 
-def packed_batch() -> tuple[torch.Tensor, torch.Tensor]:
+def packed_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row 0: three packed sequences then padding; row 1: one sequence; row 2: padding-heavy."""
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1, VOCAB, (3, 96), generator=g)
@@ -37,24 +50,84 @@ def packed_batch() -> tuple[torch.Tensor, torch.Tensor]:
     mask[0, :40], mask[0, 40:45], mask[0, 45:90] = 1, 2, 3
     mask[1, :] = 1
     mask[2, :7] = 1
-    return (ids * mask.clamp(max=1)).cuda(), mask.cuda()
+    ids = ids * mask.clamp(max=1)
+    labels = torch.where((ids % 3 == 0) & (mask > 0), ids, -100)
+    return ids.cuda(), mask.cuda(), labels.cuda()
+
+
+def run(model: EttinModel, impl: str, bf16: bool) -> dict[str, torch.Tensor]:
+    """Logits at the real positions, loss and the flat parameter gradient, all in fp32."""
+    ids, mask, labels = packed_batch()
+    model.attn_impl = impl
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        loss = model(ids, mask, None if model.args.causal else labels).loss
+        loss.backward()
+        with torch.no_grad():
+            logits = model.padded_logits(ids, mask)[mask > 0]
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    return {"logits": logits.float(), "loss": loss.detach().float(), "grads": grads.float()}
+
+
+def errors(got: dict, reference: dict) -> dict[str, float]:
+    return {k: (got[k] - reference[k]).abs().max().item() for k in reference}
+
+
+@pytest.mark.parametrize("impl", FAST)
+@pytest.mark.parametrize("causal", [False, True], ids=["encoder", "decoder"])
+def test_fast_backend_bf16_error_is_torch_bf16_error(impl, causal):
+    model = tiny(causal)
+    reference = run(model, "torch", bf16=False)
+    baseline = errors(run(model, "torch", bf16=True), reference)
+    fast = errors(run(model, impl, bf16=True), reference)
+    print(f"{'decoder' if causal else 'encoder'} {impl}: bf16 error {fast}, torch bf16 {baseline}")
+    for key in reference:
+        assert fast[key] <= RATIO * baseline[key] + SLACK, (key, fast[key], baseline[key])
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["encoder", "decoder"])
-def test_flash_matches_torch_backend(causal):
+def test_flex_fp32_matches_torch(causal):
+    """The compiled flex kernel (fp32, TF32 off by default) computes the exact mask."""
     model = tiny(causal)
-    ids, mask = packed_batch()
-    labels = torch.where((ids % 3 == 0) & (mask > 0), ids, -100)
-    results = {}
-    for impl in ("flash", "torch"):
-        model.attn_impl = impl
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model.padded_logits(ids, mask).float()
-            loss = model(ids, mask, None if causal else labels).loss.float()
-        results[impl] = logits, loss
-    (flash_logits, flash_loss), (torch_logits, torch_loss) = results["flash"], results["torch"]
-    real = mask > 0
-    diff = (flash_logits - torch_logits)[real].abs().max().item()
-    print(f"{'decoder' if causal else 'encoder'}: flash vs torch max |diff| = {diff:.3g}")
-    assert diff < 0.1  # bf16 logits of magnitude ~5
-    assert flash_loss.item() == pytest.approx(torch_loss.item(), abs=2e-2)
+    reference = run(model, "torch", bf16=False)
+    flex = errors(run(model, "flex", bf16=False), reference)
+    print(f"{'decoder' if causal else 'encoder'} flex fp32 error {flex}")
+    assert flex["logits"] < 1e-3 and flex["loss"] < 1e-4 and flex["grads"] < 1e-3, flex
+
+
+class CountingInductor:
+    """The inductor backend, counting the graphs it compiles."""
+
+    graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        from torch._inductor.compile_fx import compile_fx
+
+        self.graphs += 1
+        return compile_fx(gm, example_inputs)
+
+
+@pytest.mark.parametrize("impl", FAST)
+def test_compiled_blocks_bf16_autocast(impl):
+    """compile_model + bf16 autocast trains (torch 2.7 mixed-dtype addmm bug) without recompiling."""
+    from ettin.parallel.compile import compile_model
+
+    torch._dynamo.reset()
+    model = tiny(causal=False)
+    eager = run(model, impl, bf16=True)
+    backend = CountingInductor()
+    compile_model(model, backend=backend)
+    compiled = run(model, impl, bf16=True)  # train graphs, then no-grad graphs (padded_logits)
+    diff = errors(compiled, eager)
+    print(f"{impl}: compiled vs eager bf16 {diff}, {backend.graphs} graphs")
+    assert diff["loss"] < 5e-2 and torch.isfinite(compiled["grads"]).all()
+    assert backend.graphs <= 6  # (layer 0, global, local) x (grad, no grad)
+    graphs = backend.graphs
+    for B, S in ((2, 200), (5, 61), (1, 300)):  # other shapes: no new graphs
+        g = torch.Generator().manual_seed(B)
+        ids = torch.randint(1, VOCAB, (B, S), generator=g).cuda()
+        mask = torch.ones_like(ids)
+        mask[0, S // 2 :] = 2
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            model(ids, mask, torch.where(ids % 3 == 0, ids, -100)).loss.backward()
+    assert backend.graphs == graphs

@@ -306,3 +306,77 @@ def test_hf_window_rules(attn):
     assert keys_seen(decoder, use_cache=False) == list(
         range(query - 3, query + 1)
     )  # 4 keys incl. self
+
+
+# ---------------------------------------------------------------- exports right for their objective
+
+
+def test_export_tokenizer_fits_the_objective(exports):
+    """Decoder: BOS first, no EOS, bos/eos named. Encoder: [CLS] ... [SEP], bos/eos named too."""
+    for causal in (False, True):
+        tok = AutoTokenizer.from_pretrained(exports[causal][1])
+        cls_id, sep_id = tok.cls_token_id, tok.sep_token_id
+        assert (tok.bos_token_id, tok.eos_token_id) == (cls_id, sep_id)
+        ids = tok("w1 w2")["input_ids"]
+        if causal:
+            assert ids[0] == tok.bos_token_id and ids[-1] != tok.eos_token_id and len(ids) == 3
+        else:
+            assert ids[0] == cls_id and ids[-1] == sep_id and len(ids) == 4
+
+
+def test_text_generation_pipeline_prompt_does_not_end_with_eos(exports):
+    from transformers import pipeline
+
+    path = exports[True][1]
+    pipe = pipeline("text-generation", model=str(path), device="cpu")
+    ids = pipe.preprocess("w1 w2 w3")["input_ids"][0].tolist()
+    assert ids[0] == pipe.tokenizer.bos_token_id and ids[-1] != pipe.tokenizer.eos_token_id
+    out = pipe("w1 w2 w3", max_new_tokens=3, do_sample=False)
+    assert out[0]["generated_text"].startswith("w1 w2 w3")
+
+
+def test_import_restores_the_training_template(exports):
+    _, tokenizer = import_hf(exports[True][1], local_files_only=True)
+    ids = tokenizer("w1 w2")["input_ids"]
+    assert ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id
+
+
+def test_export_records_the_trained_length(tmp_path):
+    export_hf(tiny_model(causal=True), tmp_path, tokenizer=word_tokenizer(), max_seq_len=96)
+    assert json.loads((tmp_path / "config.json").read_text())["max_position_embeddings"] == 96
+    assert AutoTokenizer.from_pretrained(tmp_path).model_max_length == 96
+
+
+def test_foreign_model_keeps_its_config_through_import_and_export(tmp_path):
+    """`ettin import` -> `ettin export` of a ModernBERT model ettin never trained."""
+    from ettin.cli import main
+
+    torch.manual_seed(0)
+    config = ModernBertConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        classifier_pooling="mean",
+        max_position_embeddings=1024,
+        classifier_dropout=0.1,
+        pad_token_id=0,
+        bos_token_id=2,
+        cls_token_id=2,
+        eos_token_id=3,
+        sep_token_id=3,
+    )
+    ModernBertForMaskedLM(config).save_pretrained(tmp_path / "foreign")
+    word_tokenizer().save_pretrained(tmp_path / "foreign")
+    main(["import", str(tmp_path / "foreign"), str(tmp_path / "start.pt")])
+    main(["export", str(tmp_path / "start.pt"), str(tmp_path / "back")])
+    before = json.loads((tmp_path / "foreign" / "config.json").read_text())
+    after = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert after["classifier_pooling"] == "mean" and after["max_position_embeddings"] == 1024
+    changed = {k for k in before if k != "transformers_version" and before[k] != after.get(k)}
+    assert changed == set(), {k: (before[k], after.get(k)) for k in changed}
+    assert AutoTokenizer.from_pretrained(tmp_path / "back").model_max_length == 1024
+    original = ModernBertForMaskedLM.from_pretrained(tmp_path / "foreign").state_dict()
+    exported = ModernBertForMaskedLM.from_pretrained(tmp_path / "back").state_dict()
+    assert all(torch.equal(original[k], exported[k]) for k in original)

@@ -252,9 +252,23 @@ def test_padded_unpadded_and_packed_agree(causal):
     assert padded[1, 7:].abs().max() == 0  # padding is zero-filled
 
 
-def fake_flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=False, window_size=(-1, -1)):
+def fake_flash_varlen(
+    q,
+    k,
+    v,
+    cu_q,
+    cu_k,
+    max_q,
+    max_k,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    deterministic=False,
+):
     """flash_attn_varlen_func's documented semantics, naively in fp32: per cu_seqlens segment,
-    query i sees keys i - window_size[0] <= j <= i + window_size[1] (-1 = unlimited), j <= i if causal."""
+    query i sees keys i - window_size[0] <= j <= i + window_size[1] (-1 = unlimited), j <= i if causal.
+    The keyword names are flash-attn 2's, so a misspelt keyword fails here too."""
     out = torch.empty(q.shape, dtype=torch.float32)
     left, right = window_size
     for start, end in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
@@ -286,6 +300,28 @@ def test_flash_call_agrees_with_torch_backend(monkeypatch, causal, local):
     expected = attention.torch_attention(q, k, v, batch, window, causal)
     got = attention.flash_attention(q, k, v, batch, window, causal)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_deterministic_reaches_flash(monkeypatch, deterministic):
+    """`EttinModel.deterministic` is passed to flash_attn_varlen_func in every layer."""
+    calls = []
+
+    def recording_flash(*args, **kwargs):
+        calls.append(kwargs)
+        return fake_flash_varlen(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "flash_attn_varlen_func", recording_flash)
+    model = tiny(causal=False, local_attention=8)
+    model.attn_impl, model.deterministic = "flash", deterministic
+    ids, mask = batch([12, 7])
+    model(ids, mask, torch.where(mask.bool(), ids, -100)).loss.backward()
+    assert len(calls) == model.args.num_layers
+    assert all(c["deterministic"] is deterministic for c in calls)
+    assert [c["window_size"] for c in calls] == [
+        (-1, -1) if model.args.is_global(i) else model.args.local_window
+        for i in range(model.args.num_layers)
+    ]
 
 
 # --- losses ------------------------------------------------------------------------------------

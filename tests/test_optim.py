@@ -12,7 +12,7 @@ from composer.core import Time, Timestamp
 from torch import nn
 
 from ettin.config import OptimConfig, SchedulerConfig
-from ettin.optim import WarmupStableDecay, build_optimizer, build_scheduler, param_groups
+from ettin.optim import WarmupStableDecay, build_optimizer, param_groups
 
 # ---------------------------------------------------------------- StableAdamW, reference §5.4
 
@@ -184,7 +184,7 @@ PHASES = {
 @pytest.mark.parametrize("name", list(PHASES))
 def test_schedule_matches_reference(name: str) -> None:
     cfg, max_duration, reference = PHASES[name]
-    scheduler = build_scheduler(cfg)
+    scheduler = WarmupStableDecay(cfg)
     total = Time.from_timestring(max_duration).value
     fractions = [0, 1e-4, 0.01, 0.03, 0.05, 0.06, 0.1, 0.33, 0.5, 0.79, 0.8, 0.81, 0.9, 0.99, 1.0]
     points = sorted(
@@ -198,16 +198,16 @@ def test_schedule_matches_reference(name: str) -> None:
 
 
 def test_schedule_end_points() -> None:
-    cross = build_scheduler(PHASES["cross-linear"][0])
+    cross = WarmupStableDecay(PHASES["cross-linear"][0])
     assert cross(fake_state(0, "50_000_000_000tok")) == 0.0
     assert cross(fake_state(50 * B, "50_000_000_000tok")) == pytest.approx(0.02)
-    phase3 = build_scheduler(PHASES["phase3-1sqrt"][0])
+    phase3 = WarmupStableDecay(PHASES["phase3-1sqrt"][0])
     assert phase3(fake_state(0, "50_000_000_000tok")) == 1.0
     assert phase3(fake_state(50 * B, "50_000_000_000tok")) == pytest.approx(0.04)
 
 
 def test_schedule_in_batches_and_ssr() -> None:
-    sched = WarmupStableDecay("10ba", "0.5dur", 0.0, "linear")
+    sched = WarmupStableDecay(SchedulerConfig(t_warmup="10ba", t_decay="0.5dur"))
     values = [sched(fake_state(b, "100ba", unit="ba")) for b in (0, 5, 10, 50, 75, 100)]
     assert values == pytest.approx([0.0, 0.5, 1.0, 1.0, 0.5, 0.0])
     # ssr stretches absolute lengths (the trainer already stretched max_duration).
@@ -215,9 +215,15 @@ def test_schedule_in_batches_and_ssr() -> None:
 
 
 def test_schedule_rejects_bad_settings() -> None:
-    with pytest.raises(ValueError, match="decay_shape"):
-        WarmupStableDecay("0tok", "0tok", 0.0, "cosine")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="alpha_f"):
-        WarmupStableDecay("0tok", "0tok", 1.5)
+    from ettin.config import ConfigError
+
+    with pytest.raises(ConfigError, match="decay_shape"):
+        SchedulerConfig(decay_shape="cosine")
+    with pytest.raises(ConfigError, match="alpha_f"):
+        SchedulerConfig(alpha_f=1.5)
+    with pytest.raises(ConfigError, match="t_decay='2dur' is longer than the run"):
+        SchedulerConfig(t_decay="2dur")
+    with pytest.raises(ConfigError, match="t_warmup='5s': use tok, ba"):
+        SchedulerConfig(t_warmup="5s")
     with pytest.raises(ValueError, match="same unit"):
-        WarmupStableDecay("0tok", "10ba", 0.0)(fake_state(0, "100tok"))
+        WarmupStableDecay(SchedulerConfig(t_decay="10ba"))(fake_state(0, "100tok"))

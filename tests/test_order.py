@@ -186,7 +186,7 @@ def test_composer_resume_matches_uninterrupted(phase, tok, tmp_path):
     )
     assert resumed.to_pydict() == straight.to_pydict()  # steps 4-5 re-recorded once, not twice
     planned = export_order(_spec(phase, tok, warmup=True).dataloader.batch_sampler.order, 27)
-    report = audit(resumed, planned)
+    report = audit(resumed, planned, ordered=False)  # packed: a step's samples, in packing order
     assert report.ok and report.steps_compared == 27, str(report)
 
 
@@ -219,7 +219,8 @@ def test_audit_reports_the_first_differing_step(phase, tok):
     report = audit(recorded, planned)
     assert not report.ok and report.first_differing_step == 4 and "10000" in report.detail
     shuffled = planned.take(np.argsort(-np.arange(planned.num_rows), kind="stable"))
-    within = audit(shuffled, planned)
+    assert not audit(shuffled, planned).ok  # padded runs: the order inside a step counts
+    within = audit(shuffled, planned, ordered=False)  # packed runs: only the set of a step
     assert within.ok and not within.same_order_within_steps
 
 
@@ -234,8 +235,12 @@ def test_replay_rejects_bad_files(phase, tok, tmp_path):
     write_order(pa.table({"step": [0, 0], "sample_id": [1, 500]}), tmp_path / "range.parquet")
     with pytest.raises(ValueError, match="sample_id 500 is out of range"):
         _spec(phase, tok, order_file=str(tmp_path / "range.parquet"))
+    # step + input_ids (the published schema) is the data itself; it must fit the run
     write_order(pa.table({"step": [0], "input_ids": [[1, 2]]}), tmp_path / "noid.parquet")
-    with pytest.raises(ValueError, match="no sample_id column"):
+    with pytest.raises(ValueError, match="step 0 has 1 samples but the run's global batch"):
+        _spec(phase, tok, order_file=str(tmp_path / "noid.parquet"))
+    write_order(pa.table({"step": [0], "epoch": [0]}), tmp_path / "noid.parquet")
+    with pytest.raises(ValueError, match="needs a `step` column and `sample_id`"):
         _spec(phase, tok, order_file=str(tmp_path / "noid.parquet"))
 
 

@@ -213,9 +213,7 @@ def test_phase_transition_loads_weights_only(world):
     weights, info = read_checkpoint(ckpt)
     assert info.objective == "mlm"
     # Cross-objective: the decoder starts from the encoder's weights, with fresh time.
-    nxt = _cfg(
-        world, "phase2", "clm", "max_duration=2ba", f"init_from={ckpt}", "callbacks.export_hf=false"
-    )
+    nxt = _cfg(world, "phase2", "clm", "max_duration=2ba", f"init_from={ckpt}")
     from ettin.train import build_trainer
 
     trainer = build_trainer(nxt)
@@ -226,6 +224,13 @@ def test_phase_transition_loads_weights_only(world):
         weights["model.layers.1.attn.Wqkv.weight"],
     )
     assert trainer.state.timestamp.batch.value == 0
+    # The lineage the export records (ettin eval reads it to tell cross-objective models apart).
+    from ettin.checkpoint import RunInfo
+
+    (run_info,) = [c for c in trainer.state.callbacks if isinstance(c, RunInfo)]
+    assert run_info.info.lineage["objectives"] == ["mlm", "clm"]
+    (export,) = [c for c in trainer.state.callbacks if type(c).__name__ == "HFExport"]
+    assert export.options["objectives"] == ["mlm", "clm"]
     trainer.close()
 
 

@@ -17,8 +17,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cli, offline_tasks, report, trainer_args  # noqa: E402
 
 
-def run(model: str, steps: int = 60, batch_size: int = 16, limit: int = 64, out=None, corpus=None,
-        seed: int = 0) -> dict:
+def run(
+    model: str,
+    steps: int = 60,
+    batch_size: int = 16,
+    limit: int = 64,
+    out=None,
+    corpus=None,
+    seed: int = 0,
+) -> dict:
     import numpy as np
     from datasets import Dataset
     from transformers import (
@@ -67,8 +74,9 @@ def run(model: str, steps: int = 60, batch_size: int = 16, limit: int = 64, out=
     if out is not None:
         trainer.save_model(str(out))
     chance = 1 / len(names)
-    return report(f"era classification ({len(names)} eras, chance {chance:.2f})", "accuracy",
-                  before, after)
+    return report(
+        f"era classification ({len(names)} eras, chance {chance:.2f})", "accuracy", before, after
+    )
 
 
 if __name__ == "__main__":

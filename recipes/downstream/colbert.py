@@ -17,17 +17,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cli, report, retrieval_split, trainer_args, with_negatives  # noqa: E402
 
 
-def run(model: str, steps: int = 60, batch_size: int = 16, limit: int = 64, out=None, corpus=None,
-        seed: int = 0) -> dict:
+def run(
+    model: str,
+    steps: int = 60,
+    batch_size: int = 16,
+    limit: int = 64,
+    out=None,
+    corpus=None,
+    seed: int = 0,
+) -> dict:
     from datasets import Dataset
     from pylate import evaluation, losses, models, utils
-    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers import (
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
 
     pairs, queries, passages, qrels = retrieval_split(corpus, limit)
     colbert = models.ColBERT(model_name_or_path=model, document_length=128, query_length=32)
-    test = with_negatives(
-        [(queries[q], passages[next(iter(qrels[q]))]) for q in queries], seed + 1
-    )
+    test = with_negatives([(queries[q], passages[next(iter(qrels[q]))]) for q in queries], seed + 1)
     evaluator = evaluation.ColBERTTripletEvaluator(
         anchors=[t[0] for t in test],
         positives=[t[1] for t in test],

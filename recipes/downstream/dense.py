@@ -15,8 +15,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cli, report, retrieval_split, trainer_args  # noqa: E402
 
 
-def run(model: str, steps: int = 60, batch_size: int = 16, limit: int = 64, out=None, corpus=None,
-        seed: int = 0) -> dict:
+def run(
+    model: str,
+    steps: int = 60,
+    batch_size: int = 16,
+    limit: int = 64,
+    out=None,
+    corpus=None,
+    seed: int = 0,
+) -> dict:
     from datasets import Dataset
     from sentence_transformers import (
         SentenceTransformer,

@@ -49,10 +49,9 @@ def write_task(folder: Path, corpus=None, limit: int = 64) -> Path:
 
 def evaluate(model, tokenizer, task_dir: Path, batch_size: int = 8) -> float:
     import lm_eval
+    import torch
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
-
-    import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
@@ -62,8 +61,15 @@ def evaluate(model, tokenizer, task_dir: Path, batch_size: int = 8) -> float:
     return float(results["results"][TASK]["acc,none"])
 
 
-def run(model: str, steps: int = 0, batch_size: int = 8, limit: int = 64, out=None, corpus=None,
-        seed: int = 0) -> dict:
+def run(
+    model: str,
+    steps: int = 0,
+    batch_size: int = 8,
+    limit: int = 64,
+    out=None,
+    corpus=None,
+    seed: int = 0,
+) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

@@ -17,8 +17,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cli, report, retrieval_split, trainer_args, with_negatives  # noqa: E402
 
 
-def run(model: str, steps: int = 60, batch_size: int = 16, limit: int = 64, out=None, corpus=None,
-        seed: int = 0) -> dict:
+def run(
+    model: str,
+    steps: int = 60,
+    batch_size: int = 16,
+    limit: int = 64,
+    out=None,
+    corpus=None,
+    seed: int = 0,
+) -> dict:
     from datasets import Dataset
     from sentence_transformers.cross_encoder import (
         CrossEncoder,
@@ -34,7 +41,8 @@ def run(model: str, steps: int = 60, batch_size: int = 16, limit: int = 64, out=
     samples = []
     for q, text in queries.items():
         positive = passages[next(iter(qrels[q]))]
-        others = rng.sample([p for p in passages.values() if p != positive], 9)
+        pool = [p for p in passages.values() if p != positive]
+        others = rng.sample(pool, min(9, len(pool)))
         samples.append({"query": text, "positive": [positive], "documents": [positive, *others]})
     evaluator = CrossEncoderRerankingEvaluator(samples, at_k=10, name="sotu")
     before = evaluator(ce)[evaluator.primary_metric]

@@ -34,8 +34,17 @@ def _rows(pairs, chat: bool) -> dict:
     return {"text": [f"{q} {p}" for q, p in pairs]}
 
 
-def run(model: str, steps: int = 60, batch_size: int = 8, limit: int = 64, out=None, corpus=None,
-        seed: int = 0, chat: bool = False, chat_template: str | None = None) -> dict:
+def run(
+    model: str,
+    steps: int = 60,
+    batch_size: int = 8,
+    limit: int = 64,
+    out=None,
+    corpus=None,
+    seed: int = 0,
+    chat: bool = False,
+    chat_template: str | None = None,
+) -> dict:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -61,13 +70,21 @@ def run(model: str, steps: int = 60, batch_size: int = 8, limit: int = 64, out=N
     if out is not None:
         trainer.save_model(str(out))
     name = "SFT (TRL, " + ("chat" if chat else "plain text") + ")"
-    return report(name, "held-out loss", before, after, first_row=row,
-                  perplexity=(math.exp(before), math.exp(after)))
+    return report(
+        name,
+        "held-out loss",
+        before,
+        after,
+        first_row=row,
+        perplexity=(math.exp(before), math.exp(after)),
+    )
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("model", help="exported decoder folder, or a Hub name (jhu-clsp/ettin-decoder-...)")
+    p.add_argument(
+        "model", help="exported decoder folder, or a Hub name (jhu-clsp/ettin-decoder-...)"
+    )
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit", type=int, default=64, help="held-out examples to score")
@@ -75,5 +92,7 @@ if __name__ == "__main__":
     p.add_argument("--corpus", default=None, help="speech folder (default: the bundled corpus)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat", action="store_true", help="conversational data and a chat template")
-    p.add_argument("--chat-template", default=None, help=f"Jinja file (default {CHAT_TEMPLATE.name})")
+    p.add_argument(
+        "--chat-template", default=None, help=f"Jinja file (default {CHAT_TEMPLATE.name})"
+    )
     run(**vars(p.parse_args()))

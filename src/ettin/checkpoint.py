@@ -4,13 +4,24 @@ A Composer checkpoint (`runs/<run>/checkpoints/*.pt`) holds the full training st
 `RunInfo` callback stores beside it what is needed to rebuild the model without the config
 (model args, objective, tokenizer). An ettin file (`ettin import` output) holds the same
 metadata and a bare state dict. Both load into an `EttinModel` with `load_checkpoint`.
+
+Crash safety (`prepare_resume`). Composer writes `ep{e}-ba{b}-rank{r}.pt` in place and then
+repoints the `latest-rank{r}.pt` symlink, so a kill or a full disk can leave a partial file (which
+Composer's autoresume then refuses as "may conflict with a future checkpoint") or a missing or
+stale `latest`. Before the Trainer is built, rank 0 checks every checkpoint file of the run
+(a torch zip whose central directory is intact, and the newest one unpickled), moves partial or
+unreadable ones into `checkpoints/incomplete/`, and points `latest-rank0.pt` at the newest
+complete checkpoint by its step (never by file-name order).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
+import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +31,16 @@ from composer.core import Callback
 
 from ettin.model import EttinModel, ModelArgs
 
+log = logging.getLogger(__name__)
+
 ETTIN_FORMAT = 1
+CHECKPOINT_FILENAME = "ep{epoch}-ba{batch}-rank{rank}.pt"
+"""Composer `save_filename` of a run's checkpoints (the step is in the name: `checkpoint_step`)."""
+LATEST_FILENAME = "latest-rank{rank}.pt"
+"""Composer `save_latest_filename`: a symlink to the newest checkpoint, which autoresume loads."""
+INCOMPLETE = "incomplete"
+"""Sub-folder of the checkpoint folder where partial or unreadable checkpoint files are moved."""
+_CHECKPOINT_RE = re.compile(r"^ep(\d+)-ba(\d+)-rank(\d+)\.pt$")
 
 
 class CheckpointError(ValueError):
@@ -37,6 +57,10 @@ class CheckpointInfo:
     """The tokenizer's fingerprint (ids of special tokens, vocab size) and its directory, if known."""
     lineage: dict[str, Any] = field(default_factory=dict)
     """Where the run's starting weights came from: `init_from` and `init_digest` (see `state_digest`)."""
+    max_seq_len: int | None = None
+    """The sequence length the model was trained at (`data.max_seq_len`); the HF export records it."""
+    hf_config: dict[str, Any] = field(default_factory=dict)
+    """An imported model's config.json as written; `ettin export` keeps the fields ettin does not model."""
 
 
 def state_digest(state: dict[str, torch.Tensor]) -> str:
@@ -61,6 +85,8 @@ def save_ettin_checkpoint(path: str | os.PathLike, model: EttinModel, info: Chec
         "objective": info.objective,
         "tokenizer": info.tokenizer,
         "lineage": info.lineage,
+        "max_seq_len": info.max_seq_len,
+        "hf_config": info.hf_config,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
     torch.save(payload, path)
@@ -82,34 +108,244 @@ def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
-    """The model state dict and metadata of a Composer or ettin checkpoint."""
+def checkpoint_step(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(batch, rank) of a run checkpoint named `ep{e}-ba{b}-rank{r}.pt`, else None."""
+    m = _CHECKPOINT_RE.match(Path(path).name)
+    return (int(m.group(2)), int(m.group(3))) if m else None
+
+
+def run_checkpoints(folder: str | os.PathLike, rank: int = 0) -> list[Path]:
+    """This rank's checkpoint files in `folder`, oldest first by step (not by name)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        step = checkpoint_step(p)
+        if step is not None and step[1] == rank and p.is_file() and not p.is_symlink():
+            found.append((step[0], p))
+    return [p for _, p in sorted(found)]
+
+
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """Why `path` is not a complete torch checkpoint file (None when it is).
+
+    torch.save writes a zip whose central directory comes last, so a file cut short by a kill
+    or a full disk has none (or one that points past the end of the file). Cheap: the tensor
+    data is not read.
+    """
     path = Path(path)
-    if path.is_dir():
-        candidates = sorted(path.glob("*.pt"))
-        latest = path / "latest-rank0.pt"
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            return "empty file"
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+            if not any(i.filename.endswith("data.pkl") for i in infos):
+                return "no data.pkl record"
+            for info in infos:
+                if info.header_offset + info.compress_size > size:
+                    return f"record {info.filename} runs past the end of the file"
+    except zipfile.BadZipFile as err:
+        return f"not a complete torch file ({err})"
+    except OSError as err:
+        return f"cannot be read ({err})"
+    return None
+
+
+def read_composer_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The `state` of a Composer checkpoint with tensors memory-mapped (cheap for large files)."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+    if not (isinstance(payload, dict) and isinstance(payload.get("state"), dict)):
+        raise CheckpointError(f"{path} is not a Composer checkpoint")
+    return payload["state"]
+
+
+_SHARDED_RE = re.compile(r"^ep(\d+)-ba(\d+)$")
+
+
+def sharded_checkpoints(folder: Path, moved: list[Path] | None = None) -> list[tuple[int, Path]]:
+    """(batch, folder) of the complete FSDP sharded checkpoints in `folder`, oldest first.
+
+    Composer saves a sharded checkpoint as torch.distributed.checkpoint files in `ep{e}-ba{b}/`;
+    its `.metadata` is written last (after every rank's shard), so a folder without one is
+    partial: it is moved into `incomplete/` (and listed in `moved`) when `moved` is given.
+    """
+    found = []
+    if not folder.is_dir():
+        return found
+    for p in folder.iterdir():
+        m = _SHARDED_RE.match(p.name)
+        if not m or not p.is_dir() or p.is_symlink():
+            continue
+        if (p / ".metadata").is_file():
+            found.append((int(m.group(2)), p))
+        elif moved is not None:
+            moved.append(_move_aside(p, "sharded checkpoint without .metadata"))
+    return sorted(found)
+
+
+@dataclass
+class ResumePoint:
+    """What `prepare_resume` found in a run's checkpoint folder."""
+
+    checkpoint: Path | None
+    """The newest complete checkpoint (what `latest-rank0.pt` now points at), or None."""
+    timestamp: dict[str, Any] = field(default_factory=dict)
+    """Its Composer timestamp (`batch`, `sample`, `token`, `epoch`, ...)."""
+    moved: list[Path] = field(default_factory=list)
+    """Partial or unreadable files moved into `incomplete/` (their new paths)."""
+
+    @property
+    def batch(self) -> int:
+        return int(self.timestamp.get("batch", 0))
+
+
+def _move_aside(path: Path, reason: str) -> Path:
+    dest_dir = path.parent / INCOMPLETE
+    dest_dir.mkdir(exist_ok=True)
+    dest = dest_dir / path.name
+    n = 1
+    while dest.exists():
+        dest = dest_dir / f"{path.name}.{n}"
+        n += 1
+    path.replace(dest)
+    log.warning("checkpoint %s is incomplete (%s): moved to %s", path, reason, dest)
+    return dest
+
+
+def _point_latest(folder: Path, target: Path | None, rank: int = 0) -> None:
+    """Make `latest-rank{rank}.pt` a relative symlink to `target` (atomically), or remove it."""
+    latest = folder / LATEST_FILENAME.format(rank=rank)
+    if target is None:
+        if latest.is_symlink() or latest.exists():
+            latest.unlink()
+        return
+    rel = os.path.relpath(target, folder)
+    if latest.is_symlink() and os.readlink(latest) == rel:
+        return
+    tmp = folder / f".{latest.name}.tmp"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(rel, tmp)
+    os.replace(tmp, latest)
+
+
+def prepare_resume(folder: str | os.PathLike, rank: int = 0) -> ResumePoint:
+    """Make a run's checkpoint folder safe to autoresume from; call on one process only.
+
+    Every `ep*-ba*-rank{rank}.pt` file is checked (`checkpoint_problem`), and the newest
+    structurally complete one is also unpickled; partial or unreadable files are moved into
+    `<folder>/incomplete/` (logged), and `latest-rank{rank}.pt` is pointed at the newest
+    complete checkpoint by step (removed when there is none). Returns what it found.
+    """
+    folder = Path(folder)
+    point = ResumePoint(checkpoint=None)
+    candidates = run_checkpoints(folder, rank)
+    good: list[Path] = []
+    for path in candidates:
+        problem = checkpoint_problem(path)
+        if problem:
+            point.moved.append(_move_aside(path, problem))
+        else:
+            good.append(path)
+    while good:
+        newest = good[-1]
+        try:
+            state = read_composer_checkpoint_meta(newest)
+            stamp = state.get("timestamp") or {}
+            stamp = stamp.get("Timestamp", stamp) if isinstance(stamp, dict) else {}
+            point.timestamp = dict(stamp)
+            point.checkpoint = newest
+            break
+        except CheckpointError as err:
+            point.moved.append(_move_aside(newest, str(err)))
+            good.pop()
+    for batch, path in sharded_checkpoints(folder, point.moved):
+        if point.checkpoint is None or batch > point.batch:
+            point.checkpoint, point.timestamp = path, {"batch": batch}
+    if folder.is_dir():
+        _point_latest(folder, point.checkpoint, rank)
+    if point.checkpoint is not None:
+        log.info(
+            "autoresume: newest complete checkpoint is %s (batch %d)", point.checkpoint, point.batch
+        )
+    return point
+
+
+def _read_sharded(path: Path) -> dict[str, Any]:
+    """Model weights and callback state of an FSDP sharded checkpoint folder, on one process.
+
+    torch.distributed.checkpoint reads the shards of every rank and returns full tensors; the
+    optimiser state is not read.
+    """
+    import warnings
+
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no process group": reading on one process is intended
+        return _load_state_dict_from_keys({"state.model", "state.callbacks"}, checkpoint_id=path)
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
+    """The model state dict and metadata of a Composer or ettin checkpoint.
+
+    For a folder: its `latest-rank0.pt`, else its newest complete run checkpoint by step, else
+    its only `*.pt` file.
+    """
+    path = Path(path)
+    if path.is_dir() and not (path / ".metadata").is_file():  # not a sharded one
+        latest = path / LATEST_FILENAME.format(rank=0)
+        complete = [p for p in run_checkpoints(path) if checkpoint_problem(p) is None]
+        others = sorted(p for p in path.glob("*.pt") if checkpoint_step(p) is None and p != latest)
         if latest.exists():
             path = latest.resolve()
-        elif candidates:
-            path = candidates[-1]
+        elif complete:
+            path = complete[-1]
+        elif len(others) == 1:
+            path = others[0]
+        elif others:
+            raise CheckpointError(
+                f"{path} holds several checkpoints ({', '.join(p.name for p in others)}) and no "
+                f"latest-rank0.pt; name the file to use"
+            )
+        elif run_checkpoints(path):
+            raise CheckpointError(
+                f"every checkpoint in {path} is incomplete (a run killed while saving); "
+                f"rerun the training command to resume from an earlier one, or name a file"
+            )
         else:
             raise CheckpointError(f"no checkpoint (*.pt) in {path}")
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = (
+            _read_sharded(path)
+            if path.is_dir()
+            else torch.load(path, map_location="cpu", weights_only=False)
+        )
     except Exception as err:  # a truncated or foreign file
         raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
     if isinstance(payload, dict) and payload.get("ettin_format") == ETTIN_FORMAT:
         meta, state = payload, payload["state_dict"]
     elif isinstance(payload, dict) and "state" in payload and "model" in payload["state"]:
         meta = payload["state"].get("callbacks", {}).get("RunInfo")
-        if not meta:
+        from ettin.interop.reference import is_reference_state, reference_weights
+
+        if not meta and is_reference_state(payload["state"]):
+            # A checkpoint of the reference training (FlexBert names): ettin.interop.reference.
+            state, meta = reference_weights(payload, str(path))
+        elif not meta:
             raise CheckpointError(
                 f"{path} is a Composer checkpoint without ettin RunInfo metadata; "
                 "it was not written by ettin's trainer"
             )
-        state = _strip(payload["state"]["model"])
+        else:
+            state = _strip(payload["state"]["model"])
     else:
         raise CheckpointError(f"{path} is neither an ettin nor a Composer checkpoint")
     info = CheckpointInfo(
@@ -117,6 +353,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], C
         objective=meta["objective"],
         tokenizer=dict(meta.get("tokenizer") or {}),
         lineage=dict(meta.get("lineage") or {}),
+        max_seq_len=meta.get("max_seq_len"),
+        hf_config=dict(meta.get("hf_config") or {}),
     )
     return state, info
 
@@ -155,6 +393,8 @@ class RunInfo(Callback):
             "objective": self.info.objective,
             "tokenizer": self.info.tokenizer,
             "lineage": self.info.lineage,
+            "max_seq_len": self.info.max_seq_len,
+            "hf_config": self.info.hf_config,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -1,7 +1,8 @@
 """The `ettin` command: thin subcommands over the library's rooms.
 
 Each room registers its own subcommands (`register(subparsers)`); this file only wires them up,
-plus the few commands that span rooms (sizes, export, import, train).
+plus the few commands that span rooms (sizes, export, import, train). Errors print one line;
+`--debug` anywhere on the command line (or ETTIN_DEBUG=1) shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -9,8 +10,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 # Rooms that add their own subcommands, in the order `ettin --help` lists them.
 ROOM_COMMANDS = ("ettin.prep.cli", "ettin.data.cli", "ettin.recipe", "ettin.eval.cli", "ettin.demo")
@@ -55,10 +58,21 @@ def cmd_export(args: argparse.Namespace) -> None:
     from ettin.checkpoint import load_checkpoint
     from ettin.interop import export_hf
 
+    if args.all or args.recipe:
+        _export_all(args)
+        return
+    if not args.out_dir:
+        raise ValueError("ettin export CHECKPOINT OUT_DIR: OUT_DIR is missing")
     model, info = load_checkpoint(args.checkpoint)
     tokenizer = args.tokenizer or info.tokenizer.get("path")
     out = export_hf(
-        model, args.out_dir, tokenizer=tokenizer, allow_rope_mismatch=args.allow_rope_mismatch
+        model,
+        args.out_dir,
+        tokenizer=tokenizer,
+        allow_rope_mismatch=args.allow_rope_mismatch,
+        max_seq_len=args.max_seq_len or info.max_seq_len,  # the trained length
+        base_config=info.hf_config,  # an imported model's fields that ettin does not model
+        objectives=info.lineage.get("objectives"),  # tells cross-objective models apart
     )
     kind = "AutoModelForCausalLM" if model.args.causal else "AutoModelForMaskedLM"
     print(
@@ -66,11 +80,125 @@ def cmd_export(args: argparse.Namespace) -> None:
     )
 
 
+def _export_all(args: argparse.Namespace) -> None:
+    """`ettin export --all RUN_DIR OUT` / `--all --recipe R --runs-root D OUT`: every checkpoint."""
+    from ettin.interop.revisions import INDEX, export_all, export_recipe
+
+    if args.recipe:  # the positionals are then just OUT (given as `checkpoint`)
+        out = args.out_dir or args.checkpoint
+        models = export_recipe(
+            args.recipe, out, runs_root=args.runs_root, overrides=args.set, tokenizer=args.tokenizer
+        )
+        for model, revs in models.items():
+            print(f"{model}: {len(revs)} revisions -> {Path(out) / model} ({INDEX})")
+        return
+    if not args.out_dir:
+        raise ValueError("ettin export --all RUN_DIR OUT: OUT is missing")
+    revs = export_all(args.checkpoint, args.out_dir, tokenizer=args.tokenizer)
+    names = ", ".join(r.revision for r in revs)
+    print(f"exported {len(revs)} revisions ({names}) to {args.out_dir}; index {INDEX}")
+
+
+def cmd_publish(args: argparse.Namespace) -> None:
+    from ettin.interop.revisions import publish
+
+    pushed = publish(args.out_dir, args.repo, private=args.private, main=args.main)
+    print(f"pushed {len(pushed)} revisions to {args.repo}: {', '.join(pushed)}")
+
+
+def _import_reference(args: argparse.Namespace) -> None:
+    """`ettin import ref.pt OUT.pt` or `ettin import ref.pt --resume-into RUN_DIR --config F`."""
+    from ettin.interop.reference import read_reference, resume_into, write_tokenizer
+
+    if args.resume_into:
+        from ettin.config import load_config, to_run_config
+
+        run_dir = Path(args.resume_into)
+        overrides = [*args.set, f"run_dir={run_dir}"]
+        if args.config:
+            cfg = load_config(args.config, overrides)
+        elif (run_dir / "config.yaml").is_file():
+            from omegaconf import OmegaConf
+
+            raw = OmegaConf.merge(
+                OmegaConf.load(run_dir / "config.yaml"), OmegaConf.from_dotlist(overrides)
+            )
+            cfg = to_run_config(raw)
+        else:
+            raise ValueError(
+                f"--resume-into {run_dir}: pass --config RUN.yaml (the run file you will resume "
+                "with, e.g. yamls/encoder-150m.yaml) so the data, batch size and optimizer match"
+            )
+        path = resume_into(args.source, cfg, weights_only=args.weights_only)
+        print(
+            f"wrote {path}; continue the reference run with the same config and "
+            f"run_dir={run_dir} (autoresume starts at its batch)"
+        )
+        return
+    if args.out is None:
+        raise ValueError("ettin import REF.pt OUT.pt (or --resume-into RUN_DIR): OUT is missing")
+    from ettin.checkpoint import CheckpointInfo, load_weights, save_ettin_checkpoint
+    from ettin.model import EttinModel
+
+    ref = read_reference(args.source)
+    tok_info: dict = {}
+    tok_dir = write_tokenizer(ref.tokenizer_files, _sibling(args.out, "-tokenizer"))
+    args_ = ref.model_args
+    if tok_dir is not None:
+        from transformers import AutoTokenizer
+
+        from ettin.prep.tokenizer import tokenizer_fingerprint
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+        tok_info = {"path": str(tok_dir), **tokenizer_fingerprint(tokenizer)}
+        import dataclasses
+
+        args_ = dataclasses.replace(args_, pad_token_id=tokenizer.pad_token_id)
+    model = EttinModel(args_)
+    load_weights(model, ref.state, source=ref.source)
+    info = CheckpointInfo(
+        model_args=args_,
+        objective=ref.objective,
+        tokenizer=tok_info,
+        lineage={"reference": ref.source, "objectives": [ref.objective]},
+    )
+    path = save_ettin_checkpoint(args.out, model, info)
+    stamp = ref.timestamp
+    print(
+        f"wrote {path}: reference {ref.kind} at batch {stamp.get('batch')} "
+        f"({stamp.get('token')} tokens); start a run from it with init_from={path}"
+    )
+
+
+def _sibling(out: Path, suffix: str) -> Path:
+    base = out.with_suffix("") if out.suffix else out
+    return base.parent / (base.name + suffix)
+
+
+def _is_reference(source: str) -> bool:
+    """A file that is a Composer checkpoint (the reference's raw checkpoints are)."""
+    p = Path(source)
+    return p.is_file() and p.suffix == ".pt"
+
+
 def cmd_import(args: argparse.Namespace) -> None:
     from ettin.checkpoint import CheckpointInfo, save_ettin_checkpoint
-    from ettin.interop import import_hf
+    from ettin.interop import import_hf, read_hf_config
+    from ettin.interop.revisions import split_revision
 
-    model, tokenizer = import_hf(args.source)
+    if _is_reference(args.source):
+        _import_reference(args)
+        return
+    if args.resume_into:
+        raise ValueError(
+            "--resume-into needs a Composer checkpoint (.pt) with optimizer state; a Hugging Face "
+            "model holds weights only: start from it with `ettin import SRC OUT.pt` + init_from="
+        )
+    if args.out is None:
+        raise ValueError("ettin import SOURCE OUT.pt: OUT is missing")
+    source, revision = split_revision(args.source, args.revision)
+    model, tokenizer = import_hf(source, revision=revision)  # the tokenizer in its training form
+    raw_config = read_hf_config(source, revision=revision)
     tok_info: dict = {}
     if tokenizer is not None:
         from ettin.prep.tokenizer import tokenizer_fingerprint
@@ -80,8 +208,16 @@ def cmd_import(args: argparse.Namespace) -> None:
         tokenizer.save_pretrained(tok_dir)
         tok_info = {"path": str(tok_dir), **tokenizer_fingerprint(tokenizer)}
     info = CheckpointInfo(
-        model_args=model.args, objective="clm" if model.args.causal else "mlm", tokenizer=tok_info
+        model_args=model.args,
+        objective="clm" if model.args.causal else "mlm",
+        tokenizer=tok_info,
+        max_seq_len=raw_config.get("max_position_embeddings"),
+        hf_config=raw_config,
     )
+    if revision is not None:
+        info.lineage["hf_source"] = f"{source}@{revision}"
+    if raw_config.get("ettin_objectives"):  # an ettin export keeps its lineage
+        info.lineage["objectives"] = list(raw_config["ettin_objectives"])
     path = save_ettin_checkpoint(args.out, model, info)
     print(f"wrote {path} ({info.objective}); start a run from it with init_from={path}")
 
@@ -106,8 +242,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "export", help="write a Hugging Face model directory from an ettin checkpoint"
     )
-    p.add_argument("checkpoint", help="Composer checkpoint (.pt), its folder, or an ettin .pt")
-    p.add_argument("out_dir", help="output folder (config.json, model.safetensors, tokenizer)")
+    p.add_argument(
+        "checkpoint",
+        help="Composer checkpoint (.pt), its folder, or an ettin .pt; with --all a run folder",
+    )
+    p.add_argument(
+        "out_dir", nargs="?", help="output folder (config.json, model.safetensors, tokenizer)"
+    )
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="every checkpoint of the run folder, one HF folder per revision (step/ext/decayN)",
+    )
+    p.add_argument(
+        "--recipe", help="with --all: every run of this recipe chain (OUT/<model>/<revision>)"
+    )
+    p.add_argument("--runs-root", help="with --recipe: the chain's runs_root")
+    p.add_argument(
+        "--set", nargs="*", default=[], help="with --recipe: overrides for every stage (key=value)"
+    )
     p.add_argument(
         "--tokenizer", help="tokenizer dir to save beside the model (default: the run's)"
     )
@@ -116,18 +269,49 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="export a decoder whose local and global RoPE theta differ (HF ignores the local one)",
     )
+    p.add_argument(
+        "--max-seq-len",
+        type=int,
+        help="sequence length to record (default: the one the checkpoint was trained at)",
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
         "import", help="turn a Hugging Face ModernBERT encoder/decoder into an ettin checkpoint"
     )
     p.add_argument(
-        "source", help="HF model directory, or a Hub name such as jhu-clsp/ettin-encoder-150m"
+        "source",
+        help="HF model directory, a Hub name such as jhu-clsp/ettin-encoder-150m (REPO@REV for "
+        "a revision, e.g. @step599525), or a reference Composer checkpoint (.pt)",
     )
     p.add_argument(
-        "out", type=_path, help="output .pt file (start a run from it with init_from=...)"
+        "out",
+        type=_path,
+        nargs="?",
+        help="output .pt file (start a run from it with init_from=...)",
+    )
+    p.add_argument("--revision", help="Hub revision (branch/tag), same as REPO@REV")
+    p.add_argument(
+        "--resume-into",
+        help="reference .pt only: write a resumable checkpoint of our trainer into this run folder",
+    )
+    p.add_argument("--config", help="with --resume-into: the run file you will resume with")
+    p.add_argument(
+        "--set", nargs="*", default=[], help="with --resume-into: config overrides (key=value)"
+    )
+    p.add_argument(
+        "--weights-only",
+        action="store_true",
+        help="with --resume-into: keep the time and data position, start fresh optimizer moments",
     )
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("publish", help="push `ettin export --all` folders as Hub revisions")
+    p.add_argument("out_dir", help="folder written by `ettin export --all` (revisions.json)")
+    p.add_argument("repo", help="Hub repo id, e.g. me/ettin-encoder-17m")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--main", help="also upload this revision to the main branch")
+    p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser(
         "train", help="train one run (same as `composer src/main.py CONFIG ...` on one process)"
@@ -152,13 +336,15 @@ def _path(text: str):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    try:
+    from ettin.errors import debugging, one_line_errors
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debugging(argv)
+    if debug:
+        os.environ["ETTIN_DEBUG"] = "1"  # `ettin train` runs the training entry, which reads it
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    with one_line_errors(f"ettin {args.command}", debug):
         args.func(args)
-    except (ValueError, FileNotFoundError) as err:
-        # Our errors say what went wrong and what to do; a traceback would bury that.
-        print(f"ettin {args.command}: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

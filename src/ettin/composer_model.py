@@ -40,4 +40,6 @@ class EttinComposerModel(ComposerModel):
         return {} if is_train else self.eval_metrics
 
     def update_metric(self, batch: Any, outputs: Any, metric: Metric) -> None:
+        if outputs.targets.numel() == 0:  # nothing scored (e.g. FSDP's padding microbatch)
+            return
         metric.update(outputs.logits.float(), outputs.targets)

@@ -95,13 +95,61 @@ class DataConfig:
     shuffle_seed: int = 21
     """Seed of the global permutation (numpy PCG64DXSM(seed + epoch))."""
     order_file: str | None = None
-    """Replay a recorded data order (Parquet from `ettin order export`) instead of the permutation."""
+    """Train on an order file (Parquet file or folder, local or remote) instead of the permutation:
+    step k is the rows of its k-th step. With `sample_id` (`ettin order export`, the recorder) the
+    ids index the shards; with `input_ids` (the published ettin-data-order: `step`, `input_ids`)
+    the file is the data and no shards are read. See docs/architecture.md, "Data loading and order"."""
+    skip_steps: list[list[int]] = field(default_factory=list)
+    """Order steps never trained on: [[a, b], ...] drops a <= step < b (end excluded); the run
+    trains the steps after them, its own step count going on. Merged with `<run_dir>/skip_steps.json`."""
     num_workers: int = 0
     """DataLoader worker processes per rank."""
     batch_size_warmup_tokens: str = "0tok"
     """Grow the global batch from `batch_size_warmup_min` to the full size over this many tokens."""
     batch_size_warmup_min: int = 0
     """Smallest global batch (sequences) during batch-size warm-up."""
+    order: str = "global"
+    """global (default, the reference's): the PCG64DXSM permutation of `ettin.data.order`; it
+    touches every shard from the first steps, so the whole split is fetched into `local_cache`
+    (or read locally) before step 1. streaming: Streaming's own deterministic, elastic shuffle
+    (`shuffle_algo`, `shuffle_block_size`, seeded by `shuffle_seed`), which downloads shards on
+    demand and keeps at most `cache_limit` of them on disk: for splits a node cannot hold. Not
+    the reference's order; no `order_file` replay nor batch-size warm-up."""
+    cache_limit: str | None = None
+    """data.order=streaming: most bytes of shards kept in `local_cache` (e.g. 500gb, 1mb);
+    null keeps every shard fetched. At least 4x the largest shard (Streaming's rule)."""
+    shuffle_algo: str = "py1e"
+    """data.order=streaming: Streaming's shuffle (py1e, py1br, py1b, py1s, py2s, naive)."""
+    shuffle_block_size: int | None = None
+    """data.order=streaming: samples per shuffle block (null: Streaming's default, 262144 with
+    one canonical node); larger mixes more, smaller needs fewer shards at once."""
+    num_canonical_nodes: int | None = 1
+    """data.order=streaming: Streaming's canonical nodes; the order is the same for every number of
+    ranks and nodes as long as this stays the same (1 by default, so 1 GPU == 16 GPUs)."""
+
+    def __post_init__(self) -> None:
+        _choice("data.order", self.order, ("global", "streaming"))
+        _choice(
+            "data.shuffle_algo",
+            self.shuffle_algo,
+            ("py1e", "py1br", "py1b", "py1s", "py2s", "naive"),
+        )
+        if self.shuffle_block_size is not None and self.shuffle_block_size <= 0:
+            raise ConfigError(f"data.shuffle_block_size={self.shuffle_block_size} must be positive")
+        if self.cache_limit is not None:
+            from ettin.data.streaming import parse_bytes
+
+            parse_bytes(self.cache_limit, "data.cache_limit", error=ConfigError)
+        if self.order == "streaming" and self.order_file:
+            raise ConfigError(
+                "data.order_file replays the global order; it cannot be combined with "
+                "data.order=streaming (drop one of them)"
+            )
+        if self.order == "streaming" and self.skip_steps:
+            raise ConfigError(
+                "data.skip_steps removes steps of the global order; it cannot be combined with "
+                "data.order=streaming (drop one of them)"
+            )
 
 
 @dataclass(kw_only=True)
@@ -138,6 +186,25 @@ class SchedulerConfig:
         _choice("scheduler.decay_shape", self.decay_shape, ("linear", "1-sqrt"))
         if not 0.0 <= self.alpha_f <= 1.0:
             raise ConfigError(f"scheduler.alpha_f={self.alpha_f} must be in [0, 1]")
+        for name in ("t_warmup", "t_decay"):
+            scheduler_time(getattr(self, name), f"scheduler.{name}")
+
+
+def scheduler_time(value: str, where: str) -> Any:
+    """A schedule length as Composer `Time`; in tok, ba, sp, ep or dur, not negative, <= 1dur."""
+    from composer.core import Time, TimeUnit  # Composer only when a config is checked
+
+    try:
+        time = Time.from_timestring(value)
+    except ValueError as err:
+        raise ConfigError(f"{where}={value!r} is not a Composer time string: {err}") from None
+    if time.unit in (TimeUnit.SECOND, TimeUnit.ITERATION):
+        raise ConfigError(f"{where}={value!r}: use tok, ba, sp, ep or dur, not {time.unit.value}")
+    if time.value < 0:
+        raise ConfigError(f"{where}={value!r} must not be negative")
+    if time.unit == TimeUnit.DURATION and time.value > 1:
+        raise ConfigError(f"{where}={value!r} is longer than the run (at most 1dur)")
+    return time
 
 
 @dataclass(kw_only=True)
@@ -150,6 +217,23 @@ class CallbacksConfig:
     """Record the sample ids consumed at each step (Parquet in the run folder)."""
     export_hf: bool = True
     """Export the final model in the Hugging Face format to <run_dir>/hf."""
+    loss_spike_window: int = 0
+    """Loss-spike/NaN guard (`ettin.callbacks.loss_spike`): median of the last N step losses
+    (0 disables the guard; a NaN/inf loss is caught whenever it is on)."""
+    loss_spike_ratio: float = 3.0
+    """A step loss above ratio x that running median is a spike."""
+    loss_spike_action: str = "stop"
+    """stop: save a checkpoint and stop the run. rewind: record the step in
+    <run_dir>/skip_steps.json and stop without saving, so a rerun resumes from the last
+    checkpoint and the data order skips that step (data.skip_steps)."""
+
+    def __post_init__(self) -> None:
+        _choice("callbacks.loss_spike_action", self.loss_spike_action, ("stop", "rewind"))
+        if self.loss_spike_window < 0 or self.loss_spike_ratio <= 1.0:
+            raise ConfigError(
+                "callbacks.loss_spike_window must be >= 0 and callbacks.loss_spike_ratio > 1, got "
+                f"{self.loss_spike_window} and {self.loss_spike_ratio}"
+            )
 
 
 @dataclass(kw_only=True)
@@ -207,6 +291,8 @@ class RunConfig:
     """Checkpoint every so often (and at the end)."""
     save_num_checkpoints_to_keep: int = -1
     """Keep only the newest N checkpoints (-1 keeps all)."""
+    save_step0: bool = False
+    """Also save the untrained model (batch 0, `ep0-ba0-rank0.pt`) before the first step."""
     autoresume: bool = True
     """Resume from the newest checkpoint in <run_dir>/checkpoints, keeping time, optimiser, data position."""
     init_from: str | None = None
@@ -296,7 +382,9 @@ def _build_parts(node: DictConfig, schema: type, where: str, error: type[Excepti
                 raise error(f"{here}: {err}") from None
 
 
-def validated(schema: type[T], raw: Any, where: str = "", error: type[Exception] = ConfigError) -> T:
+def validated(
+    schema: type[T], raw: Any, where: str = "", error: type[Exception] = ConfigError
+) -> T:
     """`raw` (a mapping or OmegaConf node) merged onto the dataclass `schema`, resolved, checked
     (`__post_init__`) and built: the one way every YAML of the project becomes a typed object.
 

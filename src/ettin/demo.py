@@ -4,8 +4,11 @@
 2. train a paired demo encoder and decoder (one config, one data order; objective and mask differ);
 3. continue each with the other objective (the cross-objective stage);
 4. evaluate all four on the held-out split against chance/unigram baselines;
-5. export them to Hugging Face and reload them with the Auto classes, `fill-mask` and `generate`;
-6. write a report folder: loss curves, a Markdown summary, the exported models, the data order.
+5. export them to Hugging Face and reload them with the Auto classes: `fill-mask` on prompts with
+   known answers (how many the encoders get right) and `generate`;
+6. a downstream recipe on the exports: the demo encoder fine-tuned as a dense retriever
+   (recipes/downstream/dense.py), nDCG@10 on held-out queries before and after;
+7. write a report folder: loss curves, a Markdown summary, the exported models, the data order.
 """
 
 from __future__ import annotations
@@ -21,11 +24,20 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
 STAGES = ("demo-encoder", "demo-decoder", "demo-encoder-from-decoder", "demo-decoder-from-encoder")
-FILL_MASK = [
-    "The Congress of the United [MASK] has passed the bill.",
-    "I ask the Congress to [MASK] this law.",
-    "Our nation is at [MASK] with no one.",
-    "The President of the United States shall [MASK] the Union.",
+# Fill-mask prompts with the content word(s) the speeches use there: a top-1 hit is a prompt
+# learned. Every answer is one token of the Ettin tokenizer (with its leading space; see
+# `answer_ids`), and each phrase is frequent in the corpus (counts of the phrase in the speeches).
+FILL_MASK: list[tuple[str, tuple[str, ...]]] = [
+    ("The Congress of the United [MASK] has passed the bill.", ("States",)),  # 4852
+    ("The United [MASK] of America", ("States",)),
+    ("Fellow citizens of the Senate and House of [MASK]", ("Representatives",)),  # 281
+    ("the report of the Secretary of the [MASK]", ("Treasury", "Navy", "Interior")),  # 260/134
+    ("a decision of the Supreme [MASK]", ("Court",)),  # 150
+    ("our relations with Great [MASK] and France", ("Britain",)),  # 518
+    ("The state of our [MASK] is strong.", ("Union",)),
+    ("the powers of the Federal [MASK]", ("Government",)),  # 458
+    ("the will of the American [MASK]", ("people",)),  # 384
+    ("the Congress of the [MASK] States", ("United",)),
 ]
 PROMPTS = [
     "Fellow citizens of the Senate and",
@@ -38,7 +50,7 @@ _T0 = time.time()
 
 
 def _say(step: int, text: str) -> None:
-    print(f"\n[{step}/6] {text}  (t={time.time() - _T0:.0f}s)", flush=True)
+    print(f"\n[{step}/7] {text}  (t={time.time() - _T0:.0f}s)", flush=True)
 
 
 def prepare_data(data_root: Path) -> Path:
@@ -140,24 +152,68 @@ def _last_batch(run_dir: Path) -> int:
     return max((r.get("batch") or 0 for r in rows), default=0)
 
 
-def hf_showcase(runs: Path) -> dict[str, list[str]]:
-    """Reload the exported models with the Auto classes and use them the way HF users would."""
+def answer_ids(tokenizer, answers: tuple[str, ...]) -> set[int]:
+    """Token ids of the expected words as they follow a space; each must be a single token."""
+    ids = set()
+    for word in answers:
+        pieces = tokenizer(" " + word, add_special_tokens=False).input_ids
+        if len(pieces) != 1:
+            raise ValueError(f"fill-mask answer {word!r} is {len(pieces)} tokens, not one")
+        ids.add(pieces[0])
+    return ids
+
+
+def fill_mask_report(fill, tokenizer) -> list[dict]:
+    """Top-3 of every FILL_MASK prompt, and whether the top-1 is one of its expected words."""
+    results = []
+    for text, answers in FILL_MASK:
+        best = fill(text.replace("[MASK]", tokenizer.mask_token), top_k=3)
+        results.append(
+            {
+                "prompt": text,
+                "answers": list(answers),
+                "top": [(b["token_str"].strip(), float(b["score"])) for b in best],
+                "hit": best[0]["token"] in answer_ids(tokenizer, answers),
+            }
+        )
+    return results
+
+
+def fill_mask_line(r: dict) -> str:
+    """`+ prompt -> 'a' 0.41, 'b' 0.07, 'c' 0.02 (expected States)`: + right, - not."""
+    top = ", ".join(f"'{t}' {p:.2f}" for t, p in r["top"])
+    return f"{'+' if r['hit'] else '-'} {r['prompt']} -> {top} (expected {'/'.join(r['answers'])})"
+
+
+def fill_mask_count(name: str, results: list[dict]) -> str:
+    hits = sum(r["hit"] for r in results)
+    return (
+        f"{name}: {hits}/{len(results)} fill-mask prompts right (top-1 = the expected content word)"
+    )
+
+
+def hf_showcase(runs: Path) -> tuple[dict[str, list[str]], dict[str, list[dict]]]:
+    """Reload the exported models with the Auto classes and use them the way HF users would.
+
+    Returns the decoders' generations (name -> lines) and the encoders' fill-mask results."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer, pipeline
 
     shown: dict[str, list[str]] = {}
+    fills: dict[str, list[dict]] = {}
     for name in STAGES:
         hf = runs / name / "hf"
         tok = AutoTokenizer.from_pretrained(hf)
-        lines = []
         if "encoder" in name.split("-from-")[0]:
             model = AutoModelForMaskedLM.from_pretrained(hf, attn_implementation="sdpa")
             fill = pipeline("fill-mask", model=model, tokenizer=tok, device=-1)
-            for text in FILL_MASK:
-                best = fill(text.replace("[MASK]", tok.mask_token), top_k=3)
-                lines.append(f"{text} -> " + ", ".join(f"'{b['token_str'].strip()}'" for b in best))
+            fills[name] = fill_mask_report(fill, tok)
+            print(fill_mask_count(name, fills[name]))
+            for r in fills[name]:
+                print("  " + fill_mask_line(r))
         else:
             model = AutoModelForCausalLM.from_pretrained(hf, attn_implementation="sdpa")
+            lines = []
             for prompt in PROMPTS:
                 ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
                 ids = torch.cat([torch.tensor([[tok.cls_token_id]]), ids], dim=1)
@@ -171,8 +227,65 @@ def hf_showcase(runs: Path) -> dict[str, list[str]]:
                 lines.append(
                     f"{prompt} -> ...{tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)}"
                 )
-        shown[name] = lines
-    return shown
+            shown[name] = lines
+            print(f"{name}:")
+            for line in lines:
+                print("  " + line)
+    return shown, fills
+
+
+DENSE_STEPS = 60  # sentence-transformers steps of the downstream example (batch 16)
+
+
+def dense_retrieval(out: Path, *, quick: bool = False) -> dict | None:
+    """The downstream dense-retrieval recipe (recipes/downstream/dense.py) on the demo encoder's
+    export: nDCG@10 on the held-out queries before and after fine-tuning. Cached in
+    downstream/dense.json until the export changes; None where the recipes folder is absent."""
+    import contextlib
+    import importlib.util
+    import logging
+
+    from ettin.prep.corpus import fetch_sotu
+
+    model = out / "demo-encoder" / "hf"
+    recipe = REPO / "recipes" / "downstream" / "dense.py"
+    if not recipe.exists():
+        print(f"{recipe} not found (not a source checkout): skipping the downstream example")
+        return None
+    steps, batch_size = (4, 8) if quick else (DENSE_STEPS, 16)
+    key = {"model_mtime": (model / "config.json").stat().st_mtime, "steps": steps}
+    cache = out / "downstream" / "dense.json"
+    if cache.exists():
+        saved = json.loads(cache.read_text())
+        if all(saved.get(k) == v for k, v in key.items()):
+            print("dense retrieval already measured for this export: reusing it")
+            return saved
+    spec = importlib.util.spec_from_file_location("ettin_recipe_dense", recipe)
+    dense = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dense)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    quiet = [logging.getLogger(n) for n in ("transformers", "sentence_transformers")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.ERROR)  # also turns off the Trainer's progress bar
+    t0 = time.time()
+    try:  # the recipe's own log (trainer losses, its result line) goes to downstream/dense.log
+        with open(cache.parent / "dense.log", "w") as log, contextlib.redirect_stdout(log):
+            result = dense.run(str(model), steps=steps, batch_size=batch_size, corpus=fetch_sotu())
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
+    result = {**result, **key, "batch_size": batch_size, "limit": 64}
+    result["seconds"] = round(time.time() - t0, 1)
+    cache.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def dense_line(result: dict) -> str:
+    return (
+        f"dense retriever (demo-encoder export, {result['steps']} steps of "
+        f"MultipleNegativesRankingLoss): nDCG@10 {result['before']:.3f} -> {result['after']:.3f}"
+    )
 
 
 def run_demo(out: Path, data_root: Path, *, quick: bool = False) -> Path:
@@ -188,7 +301,7 @@ def run_demo(out: Path, data_root: Path, *, quick: bool = False) -> Path:
     tokenizer = load_tokenizer(tokenizer_dir)
 
     _say(
-        2, "train a paired encoder and decoder, then  [3/6] continue each with the other objective"
+        2, "train a paired encoder and decoder, then  [3/7] continue each with the other objective"
     )
     overrides = [f"data_root={data_root}"]
     if quick:
@@ -203,33 +316,63 @@ def run_demo(out: Path, data_root: Path, *, quick: bool = False) -> Path:
         link = models / name
         if not link.exists():
             link.symlink_to((out / name / "hf").resolve(), target_is_directory=True)
-    rows = run_suite(
-        [models / name for name in STAGES],
-        fetch_sotu(),
-        out / "eval",
-        tasks=["intrinsic"] if quick else None,
-        quick=True,
-        threads=1,
-        heldout=heldout_documents(data_root),
-    )
+    tasks = ["intrinsic"] if quick else None
+    rows = _cached_eval(out, tasks)
+    if rows is None:
+        rows = run_suite(
+            [models / name for name in STAGES],
+            fetch_sotu(),
+            out / "eval",
+            tasks=tasks,
+            quick=True,
+            threads=1,
+            heldout=heldout_documents(data_root),
+        )
+        (out / "eval" / "rows.json").write_text(json.dumps({"tasks": tasks, "rows": rows}))
 
     _say(5, "reload the exports with transformers: fill-mask and generate")
-    shown = hf_showcase(out)
+    shown, fills = hf_showcase(out)
 
-    _say(6, "report")
+    _say(6, "downstream: fine-tune the demo encoder's export as a dense retriever")
+    dense = dense_retrieval(out, quick=quick)
+    if dense is not None:
+        print(dense_line(dense))
+
+    _say(7, "report")
     plot = plot_losses(out, out / "loss_curves.png")
     order = out / "demo-encoder" / "data_order.parquet"
     if order.exists():
         shutil.copytree(order, out / "data_order.parquet", dirs_exist_ok=True)
     minutes = (time.time() - start) / 60
-    summary = write_summary(out, rows, baselines, shown, plot, minutes)
+    summary = write_summary(out, rows, baselines, shown, plot, minutes, fills=fills, dense=dense)
     print(summary.read_text())
     print(f"report: {out.resolve()}  ({minutes:.1f} min)")
     return out
 
 
+def _cached_eval(out: Path, tasks: list[str] | None) -> list[dict] | None:
+    """The evaluation rows of an earlier run, if it scored these tasks on the current exports."""
+    path = out / "eval" / "rows.json"
+    if not path.exists():
+        return None
+    newest = max((out / name / "hf" / "config.json").stat().st_mtime for name in STAGES)
+    saved = json.loads(path.read_text())
+    if path.stat().st_mtime < newest or saved.get("tasks") != tasks:
+        return None
+    print("evaluation already done for these exports: reusing eval/ (delete it to redo)")
+    return saved["rows"]
+
+
 def write_summary(
-    out: Path, rows: list[dict], baselines: dict, shown: dict, plot: Path, minutes: float
+    out: Path,
+    rows: list[dict],
+    baselines: dict,
+    shown: dict,
+    plot: Path,
+    minutes: float,
+    *,
+    fills: dict[str, list[dict]] | None = None,
+    dense: dict | None = None,
 ) -> Path:
     from ettin.eval.suite import markdown_table
 
@@ -263,14 +406,35 @@ def write_summary(
         "## The exported models, reloaded with transformers",
         "",
     ]
+    for name, results in (fills or {}).items():
+        lines += [f"**{fill_mask_count(name, results)}**", ""]
+        lines += ["| | prompt | expected | top-3 (probability) |", "|---|---|---|---|"]
+        for r in results:
+            top = ", ".join(f"'{t}' {p:.2f}" for t, p in r["top"])
+            mark = "+" if r["hit"] else "-"
+            lines.append(f"| {mark} | {r['prompt']} | {'/'.join(r['answers'])} | {top} |")
+        lines.append("")
     for name, items in shown.items():
         lines.append(f"**{name}**")
         lines.append("")
         lines += [f"- {s}" for s in items]
         lines.append("")
+    if dense is not None:
+        lines += [
+            "## Downstream: the demo encoder as a dense retriever",
+            "",
+            "`recipes/downstream/dense.py` on the demo encoder's export (sentence-transformers, mean",
+            "pooling, MultipleNegativesRankingLoss on the offline retrieval task's training pairs:",
+            "a paragraph's first half is the query, its second half the passage), scored on",
+            f"{dense.get('limit', 64)} queries of held-out speeches against all their passages:",
+            "",
+            f"- {dense_line(dense)}",
+            "",
+        ]
     lines += [
         "Files: `<run>/hf/` (Hugging Face models), `<run>/metrics.jsonl`, `data_order.parquet`",
-        "(the sample ids of every step, shared by all four runs), `eval/` (the evaluation table).",
+        "(the sample ids of every step, shared by all four runs), `eval/` (the evaluation table),",
+        "`downstream/` (the dense retriever's result and log).",
     ]
     path = out / "summary.md"
     path.write_text("\n".join(lines) + "\n")

@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ettin.checkpoint import CheckpointInfo, RunInfo, load_weights, read_checkpoint, state_digest
+from ettin.checkpoint import (
+    CHECKPOINT_FILENAME,
+    LATEST_FILENAME,
+    CheckpointInfo,
+    ResumePoint,
+    RunInfo,
+    load_weights,
+    prepare_resume,
+    read_checkpoint,
+    state_digest,
+)
 from ettin.config import RunConfig, load_config, to_yaml
 
 log = logging.getLogger(__name__)
@@ -41,7 +52,10 @@ def build_model(cfg: RunConfig, tokenizer: Any):
         pad_token_id=tokenizer.pad_token_id,
     )
     check_tokenizer(tokenizer, args)
-    return EttinModel(args)
+    model = EttinModel(args)
+    model.attn_impl = cfg.model.attn_impl  # runtime settings, not weights
+    model.deterministic = cfg.deterministic
+    return model
 
 
 def init_from_checkpoint(model, path: str) -> CheckpointInfo:
@@ -92,22 +106,24 @@ def build_trainer(cfg: RunConfig):
     from composer.core import Evaluator
     from composer.utils import dist, reproducibility
 
-    from ettin.callbacks import DataOrderRecorder, GradNorm, HFExport, PackingEfficiency, Throughput
+    from ettin.callbacks import (
+        DataOrderRecorder,
+        GradNorm,
+        HFExport,
+        PackingEfficiency,
+        StepRNG,
+        Throughput,
+    )
     from ettin.composer_model import EttinComposerModel
     from ettin.data import build_dataloader
     from ettin.flops import flops_per_token
-    from ettin.optim import build_optimizer, build_scheduler
+    from ettin.optim import WarmupStableDecay, build_optimizer
     from ettin.prep.tokenizer import default_tokenizer_dir, load_tokenizer, tokenizer_fingerprint
 
     run_dir = Path(cfg.run_dir)
     on_gpu = torch.cuda.is_available()
     dist.initialize_dist("gpu" if on_gpu else "cpu")
-    world, rank = dist.get_world_size(), dist.get_global_rank()
-    if cfg.global_train_batch_size % world:
-        raise ValueError(
-            f"global_train_batch_size={cfg.global_train_batch_size} is not divisible by the "
-            f"{world} ranks; choose a multiple of {world}"
-        )
+    world, rank = dist.get_world_size(), dist.get_global_rank()  # batch sizes: checked by data
     reproducibility.seed_all(cfg.seed)
 
     tokenizer_dir = cfg.tokenizer or str(default_tokenizer_dir())
@@ -117,13 +133,25 @@ def build_trainer(cfg: RunConfig):
         model_args=model.args,
         objective=cfg.objective.name,
         tokenizer={"path": str(tokenizer_dir), **tokenizer_fingerprint(tokenizer)},
+        max_seq_len=cfg.data.max_seq_len,
     )
+    objectives = [cfg.objective.name]  # this run's objective and its ancestors', oldest first
     if cfg.init_from:
-        init_from_checkpoint(model, cfg.init_from)
+        source = init_from_checkpoint(model, cfg.init_from)
+        objectives = [*source.lineage.get("objectives", [source.objective]), cfg.objective.name]
         info.lineage = {
             "init_from": str(cfg.init_from),
             "init_digest": state_digest(model.state_dict()),
         }
+    info.lineage["objectives"] = objectives
+    if cfg.activation_checkpointing:  # before torch.compile and FSDP (see ettin.parallel)
+        from ettin.parallel.fsdp import apply_activation_checkpointing
+
+        apply_activation_checkpointing(model)
+    if cfg.compile:  # after activation checkpointing, before FSDP (see ettin.parallel.compile)
+        from ettin.parallel.compile import compile_model
+
+        compile_model(model)
 
     train = build_dataloader(
         cfg.data,
@@ -135,6 +163,7 @@ def build_trainer(cfg: RunConfig):
         rank=rank,
         world_size=world,
         seed=cfg.seed,
+        run_dir=run_dir,  # its skip_steps.json (a loss-spike rewind) joins data.skip_steps
     )
     composer_model = EttinComposerModel(model)
     evaluators = []
@@ -161,7 +190,7 @@ def build_trainer(cfg: RunConfig):
         )
 
     optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(cfg.scheduler)
+    scheduler = WarmupStableDecay(cfg.scheduler)
 
     callbacks: list = [
         RunInfo(info),
@@ -177,29 +206,59 @@ def build_trainer(cfg: RunConfig):
             ),
         ),
         PackingEfficiency(interval=cfg.callbacks.speed_window),
+        StepRNG(cfg.seed),  # dropout as a function of (seed, step, rank, microbatch): exact resume
     ]
     if cfg.callbacks.grad_norm_interval > 0:
         callbacks.append(GradNorm(interval=cfg.callbacks.grad_norm_interval))
     if cfg.callbacks.record_order:
         callbacks.append(DataOrderRecorder(run_dir / "data_order.parquet"))
+    if cfg.callbacks.loss_spike_window > 0:
+        from ettin.callbacks.loss_spike import LossSpikeGuard
+
+        c = cfg.callbacks
+        callbacks.append(
+            LossSpikeGuard(c.loss_spike_window, c.loss_spike_ratio, c.loss_spike_action, run_dir)
+        )
+    if cfg.save_step0:  # the untrained model as checkpoint ep0-ba0 (a revision step0)
+        from ettin.callbacks.loss_spike import SaveStep0
+
+        callbacks.append(SaveStep0())
     if cfg.callbacks.export_hf:
-        callbacks.append(HFExport(run_dir / "hf", tokenizer_dir=tokenizer_dir))
+        callbacks.append(
+            HFExport(
+                run_dir / "hf",
+                tokenizer_dir=tokenizer_dir,
+                max_seq_len=cfg.data.max_seq_len,
+                objectives=objectives,
+            )
+        )
 
     precision = cfg.precision if cfg.precision != "auto" else ("amp_bf16" if on_gpu else "fp32")
     parallelism = None
-    if cfg.parallelism == "fsdp":
-        parallelism = {
-            "fsdp": {
-                "sharding_strategy": "FULL_SHARD",
-                "mixed_precision": "PURE",
-                "use_orig_params": True,
-            }
-        }
+    if cfg.parallelism == "fsdp":  # FSDP2 per block + root; see ettin.parallel.fsdp
+        from ettin.parallel.fsdp import (
+            equal_microbatch_split,
+            gloo_average_callback,
+            prepare_fsdp,
+            update_clip_callback,
+        )
+
+        parallelism = prepare_fsdp(
+            model, param_dtype=cfg.fsdp_param_dtype, reduce_dtype=cfg.fsdp_reduce_dtype
+        )
+        callbacks.append(gloo_average_callback())  # CPU runs: gloo's AVG reduce-scatter sums
+        callbacks.append(update_clip_callback())  # optim/update_rms_max, optim/update_clipped
+        # Every rank must run as many forward/backward passes as the others (packing, eval tails).
+        for spec in [train, *(e.dataloader for e in evaluators)]:
+            spec.split_batch = equal_microbatch_split(
+                spec.split_batch, cfg.device_train_microbatch_size
+            )
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
 
-    return Trainer(
+    save_args, resume = _checkpoint_args(cfg, run_dir, rank)
+    trainer = Trainer(
         run_name=cfg.run_name,
         model=composer_model,
         train_dataloader=train,
@@ -214,30 +273,98 @@ def build_trainer(cfg: RunConfig):
         device_train_microbatch_size=cfg.device_train_microbatch_size,
         accumulate_train_batch_on_tokens=True,
         parallelism_config=parallelism,
-        compile_config={} if cfg.compile else None,
+        compile_config=None,  # cfg.compile: the blocks are compiled above (compile_model)
         seed=cfg.seed,
+        deterministic_mode=cfg.deterministic,  # torch deterministic algorithms (+ flash's flag)
         callbacks=callbacks,
         loggers=_loggers(cfg, run_dir),
-        save_folder=str(run_dir / "checkpoints"),
-        save_interval=cfg.save_interval,
-        save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
-        save_overwrite=False,
-        autoresume=cfg.autoresume,
+        **save_args,
         progress_bar=cfg.logging.progress_bar,
         log_to_console=not cfg.logging.progress_bar,
         console_log_interval=cfg.logging.console_interval,
         python_log_level=None,
         spin_dataloaders=False,
     )
+    trainer.ettin_resume = resume  # what autoresume found (read by `train`)
+    return trainer
+
+
+def _checkpoint_args(cfg: RunConfig, run_dir: Path, rank: int) -> tuple[dict, ResumePoint | None]:
+    """The Trainer's checkpoint and autoresume arguments, after making the folder safe to resume.
+
+    With autoresume, rank 0 first moves partial or unreadable checkpoint files (a kill or a full
+    disk while saving) into `checkpoints/incomplete/` and points `latest-rank0.pt` at the newest
+    complete checkpoint by step (`ettin.checkpoint.prepare_resume`); the other ranks wait.
+    """
+    from composer.utils import dist
+
+    folder = run_dir / "checkpoints"
+    resume = None
+    if cfg.autoresume:
+        if rank == 0:
+            resume = prepare_resume(folder)
+        dist.barrier()
+    args = {
+        "save_folder": str(folder),
+        "save_filename": CHECKPOINT_FILENAME,
+        "save_latest_filename": LATEST_FILENAME,
+        "save_interval": cfg.save_interval,
+        "save_num_checkpoints_to_keep": cfg.save_num_checkpoints_to_keep,
+        "save_overwrite": False,
+        "autoresume": cfg.autoresume,
+    }
+    return args, resume
+
+
+def _finished(trainer: Any) -> bool:
+    state = trainer.state
+    limit = state.max_duration
+    return limit is not None and state.timestamp.get(limit.unit) >= limit
 
 
 def train(cfg: RunConfig) -> Any:
-    """Run (or resume) one phase to its end; returns the trainer's final state."""
+    """Run (or resume) one phase to its end; returns the trainer's final state.
+
+    A run whose newest checkpoint already reached `max_duration` is not trained again: it says
+    so (and where its outputs are) and returns.
+    """
     from composer.utils import dist
 
     trainer = build_trainer(cfg)
+    run_dir = Path(cfg.run_dir)
+    rank0 = dist.get_global_rank() == 0
+    resume = getattr(trainer, "ettin_resume", None)
+    if _finished(trainer):
+        if rank0:
+            done = run_dir / "DONE"
+            if not done.exists():
+                done.write_text(f"{trainer.state.timestamp.batch.value} batches\n")
+            print(
+                f"run {cfg.run_name} is already finished: {trainer.state.timestamp.batch.value} "
+                f"batches, max_duration={cfg.max_duration} (checkpoint "
+                f"{resume.checkpoint if resume else run_dir / 'checkpoints'}). Outputs: {run_dir} "
+                f"(checkpoints/, metrics.jsonl, data_order.parquet, hf/). To train on, raise "
+                f"max_duration; to start over, use another run_name or run_dir."
+            )
+        trainer.close()
+        return trainer.state
+    if rank0 and resume is not None and resume.checkpoint is not None:
+        moved = (
+            f"; moved {len(resume.moved)} incomplete file(s) to {resume.moved[0].parent}"
+            if resume.moved
+            else ""
+        )
+        print(
+            f"resuming {cfg.run_name} from {resume.checkpoint} (batch {resume.batch}){moved}",
+            flush=True,
+        )
     trainer.fit()
     trainer.close()
+    guard = next((c for c in trainer.state.callbacks if getattr(c, "triggered", None)), None)
+    if guard is not None:  # stopped by the loss-spike guard: not finished, no DONE
+        from ettin.callbacks.loss_spike import LossSpikeError
+
+        raise LossSpikeError(guard.message())
     if dist.get_global_rank() == 0:
         # The recipe runner skips stages that have this marker.
         (Path(cfg.run_dir) / "DONE").write_text(f"{trainer.state.timestamp.batch.value} batches\n")
@@ -245,18 +372,21 @@ def train(cfg: RunConfig) -> Any:
 
 
 def main(argv: list[str]) -> None:
-    """`composer src/main.py yamls/<run>.yaml [key=value ...]`."""
+    """`composer src/main.py yamls/<run>.yaml [key=value ...] [--debug]`."""
+    from ettin.errors import debugging, one_line_errors
+
+    debug = debugging(argv)
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help"):
         print(main.__doc__)
         print(
             "Overrides use Hydra syntax: model.size=150m, objective=clm, data.path=data/sotu/pretrain"
         )
+        print("Errors print one line; --debug (or ETTIN_DEBUG=1) shows the traceback.")
         return
-    cfg = load_config(argv[0], argv[1:])
-    train(cfg)
+    with one_line_errors("ettin train", debug):
+        train(load_config(argv[0], argv[1:]))
 
 
 if __name__ == "__main__":
-    import sys
-
     main(sys.argv[1:])

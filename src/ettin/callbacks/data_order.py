@@ -5,7 +5,13 @@
 `fit`, the ranks' lists are gathered on rank 0 and appended to `out_path`, a folder of Parquet
 parts `part-<first step>-<last step>.parquet` with columns `step`, `sample_id`, `epoch` (the
 mask epoch): the same columns as `ettin order export`, so `ettin order audit` and
-`data.order_file=` read it directly (`ettin.data.order.read_order`).
+`data.order_file=` read it directly (`ettin.data.replay.read_order`); `ettin order export
+RUN.yaml data.order_file=OUT --format ettin` turns it into the published schema (`step`,
+`input_ids`).
+
+With skipped steps (`data.skip_steps`) `step` stays the run's step (so the folder replays what
+was trained) and a column `order_step` holds the order step each batch came from, which never
+takes a skipped value; `skipped_steps.json` in the folder lists the ranges in effect.
 
 Resumption never duplicates steps: when `fit` starts at step k, rank 0 drops every recorded row
 with step >= k (rows written after the checkpoint the run resumes from), and the resumed run
@@ -16,6 +22,7 @@ row by row (same samples, packing order).
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -31,6 +38,7 @@ from ettin.data.collate import batch_epochs, batch_sample_ids
 log = logging.getLogger(__name__)
 
 _PART = re.compile(r"^part-(\d+)-(\d+)\.parquet$")
+SKIPPED = "skipped_steps.json"
 
 
 def _part_name(first: int, last: int) -> str:
@@ -40,38 +48,43 @@ def _part_name(first: int, last: int) -> str:
 class DataOrderRecorder(Callback):
     """Write the consumed order to `out_path/` (Parquet parts) at checkpoints and at fit end.
 
-    `save_interval` (a Composer time string) sets when to write; by default the recorder
-    writes whenever the trainer's `CheckpointSaver` saves, so the recorded order always
+    It writes whenever the trainer's `CheckpointSaver` saves, so the recorded order always
     reaches the newest checkpoint.
     """
 
-    def __init__(self, out_path: str | Path, save_interval: str | None = None) -> None:
+    def __init__(self, out_path: str | Path) -> None:
         self.out = Path(out_path)
-        self._rows: list[tuple[int, np.ndarray, np.ndarray]] = []
+        self._rows: list[tuple[int, int, np.ndarray, np.ndarray]] = []
         self._intervals: list[Any] = []
-        if save_interval is not None:
-            from composer.utils.misc import create_interval_scheduler
-
-            self._intervals = [create_interval_scheduler(save_interval)]
+        self._order: Any = None  # the train DataOrder, when it skips steps
 
     # -- events --------------------------------------------------------------------------------
 
     def fit_start(self, state: State, logger: Logger) -> None:
-        if not self._intervals:
-            from composer.callbacks import CheckpointSaver
+        from composer.callbacks import CheckpointSaver
 
-            self._intervals = [
-                cb.save_interval for cb in state.callbacks if isinstance(cb, CheckpointSaver)
-            ]
+        self._intervals = [
+            cb.save_interval for cb in state.callbacks if isinstance(cb, CheckpointSaver)
+        ]
         self._rows = []
+        order = getattr(getattr(state.train_dataloader, "batch_sampler", None), "order", None)
+        self._order = order if getattr(order, "skip_ranges", ()) else None
         if dist.get_global_rank() == 0:
             self.truncate(int(state.timestamp.batch))
+            if self._order is not None:
+                self.out.mkdir(parents=True, exist_ok=True)
+                ranges = [list(r) for r in self._order.skip_ranges]
+                (self.out / SKIPPED).write_text(json.dumps({"skip_steps": ranges}) + "\n")
+                log.info("order steps %s are skipped (recorded in %s)", ranges, self.out / SKIPPED)
 
     def after_dataloader(self, state: State, logger: Logger) -> None:
-        batch = state.batch
-        self._rows.append(
-            (int(state.timestamp.batch), batch_sample_ids(batch), batch_epochs(batch))
-        )
+        batch, ts = state.batch, state.timestamp
+        step = int(ts.batch)
+        if self._order is not None:
+            order_step = self._order.next_step(int(ts.epoch), int(ts.batch_in_epoch))
+        else:
+            order_step = step
+        self._rows.append((step, order_step, batch_sample_ids(batch), batch_epochs(batch)))
 
     def batch_checkpoint(self, state: State, logger: Logger) -> None:
         if self._due(state, Event.BATCH_CHECKPOINT):
@@ -116,28 +129,32 @@ class DataOrderRecorder(Callback):
         if dist.get_global_rank() != 0:
             return
         by_step: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+        order_steps: dict[int, int] = {}
         for rank_rows in gathered:  # rank order
-            for step, ids, epochs in rank_rows:
+            for step, order_step, ids, epochs in rank_rows:
                 by_step.setdefault(step, []).append((ids, epochs))
+                order_steps[step] = order_step
         if not by_step:
             return
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         steps = sorted(by_step)
-        step_col, id_col, epoch_col = [], [], []
+        step_col, order_col, id_col, epoch_col = [], [], [], []
         for s in steps:
             ids = np.concatenate([i for i, _ in by_step[s]])
             step_col.append(np.full(len(ids), s, np.int64))
+            order_col.append(np.full(len(ids), order_steps[s], np.int64))
             id_col.append(ids)
             epoch_col.append(np.concatenate([e for _, e in by_step[s]]))
-        table = pa.table(
-            {
-                "step": np.concatenate(step_col),
-                "sample_id": np.concatenate(id_col),
-                "epoch": np.concatenate(epoch_col),
-            }
-        )
+        cols = {
+            "step": np.concatenate(step_col),
+            "sample_id": np.concatenate(id_col),
+            "epoch": np.concatenate(epoch_col),
+        }
+        if self._order is not None:
+            cols["order_step"] = np.concatenate(order_col)
+        table = pa.table(cols)
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / _part_name(steps[0], steps[-1])
         tmp = path.with_name(f".{path.name}.tmp")

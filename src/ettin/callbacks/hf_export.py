@@ -32,12 +32,25 @@ class HFExport(Callback):
     other ranks wait at a barrier until rank 0 is done.
     """
 
-    def __init__(self, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        out_dir: str | Path,
+        tokenizer_dir: str | Path | None = None,
+        max_seq_len: int | None = None,
+        objectives: list[str] | None = None,
+    ) -> None:
         self.out_dir = Path(out_dir)
         self.tokenizer_dir = tokenizer_dir
+        # Recorded in the export: the trained length, and the lineage (objectives, oldest first).
+        self.options = {"max_seq_len": max_seq_len, "objectives": objectives}
 
     def fit_end(self, state: State, logger: Logger) -> None:
         del logger
+        from torch.distributed.fsdp import FSDPModule
+
+        if any(isinstance(m, FSDPModule) for m in state.model.modules()):
+            self._export_fsdp2(state)
+            return
         gather = contextlib.nullcontext()
         if state.fsdp_enabled:
             from torch.distributed.fsdp import FullyShardedDataParallel
@@ -49,5 +62,23 @@ class HFExport(Callback):
             if dist.get_global_rank() == 0:
                 from ettin.interop import export_hf
 
-                export_hf(ettin_model(state), self.out_dir, tokenizer=self.tokenizer_dir)
+                export_hf(
+                    ettin_model(state), self.out_dir, tokenizer=self.tokenizer_dir, **self.options
+                )
+        dist.barrier()
+
+    def _export_fsdp2(self, state: State) -> None:
+        """FSDP2: all ranks gather the full state dict (to rank 0's CPU); rank 0 exports a copy."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        model = ettin_model(state)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        full = get_model_state_dict(model, options=options)
+        if dist.get_global_rank() == 0:
+            from ettin.interop import export_hf
+            from ettin.model import EttinModel
+
+            plain = EttinModel(model.args)
+            plain.load_state_dict(full)
+            export_hf(plain, self.out_dir, tokenizer=self.tokenizer_dir, **self.options)
         dist.barrier()

@@ -7,6 +7,7 @@ from composer.loggers import Logger
 
 from ettin.data.collate import packing_efficiency
 
+
 class PackingEfficiency(Callback):
     """Every `interval` batches (from the first), logs trainer/packing_efficiency of the device batch.
 
@@ -22,6 +23,4 @@ class PackingEfficiency(Callback):
     def after_dataloader(self, state: State, logger: Logger) -> None:
         if self.interval == 0 or int(state.timestamp.batch) % self.interval != 0:
             return
-        logger.log_metrics(
-            {"trainer/packing_efficiency": packing_efficiency(state.batch)}
-        )
+        logger.log_metrics({"trainer/packing_efficiency": packing_efficiency(state.batch)})

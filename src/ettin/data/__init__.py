@@ -1,7 +1,8 @@
 """Data: MDS shards -> samples (sample rules) -> the global order -> batches (padding/packing).
 
 - `dataset`: `TokenDataset` over one split, its validation and `DataError`.
-- `order`: the permutation/step/rank rule, batch-size warm-up, replay, export and audit.
+- `order`: the permutation/step/rank rule, batch-size warm-up, skip ranges, exact resumption.
+- `replay`: order files (recorded, exported or published): train from them, export, audit.
 - `collate`: pad-to-longest or packing, with MLM masks from `ettin.objectives`.
 - `loader`: `build_dataloader(...) -> composer DataSpec`, with exact resumption.
 """
@@ -9,16 +10,13 @@
 from ettin.data.collate import Collator, MaskSpec, batch_sample_ids, pack, packing_efficiency
 from ettin.data.dataset import DataError, SampleRules, TokenDataset
 from ettin.data.loader import EvalSampler, OrderSampler, TrainDataset, build_dataloader
-from ettin.data.order import (
+from ettin.data.order import BatchSchedule, DataOrder, build_order, permutation, rank_slice
+from ettin.data.replay import (
     AuditReport,
-    BatchSchedule,
-    DataOrder,
+    OrderTokens,
     Replay,
     audit,
-    build_order,
     export_order,
-    permutation,
-    rank_slice,
     read_order,
     write_order,
 )
@@ -32,6 +30,7 @@ __all__ = [
     "EvalSampler",
     "MaskSpec",
     "OrderSampler",
+    "OrderTokens",
     "Replay",
     "SampleRules",
     "TokenDataset",

@@ -1,8 +1,11 @@
-"""`ettin order ...`: export the planned data order, check a replay file, audit a recorded order.
+"""`ettin order ...` and `ettin data verify`: the data order, and the shards' integrity.
 
 ettin order export yamls/RUN.yaml [overrides...] --steps N --out order.parquet [--with-tokens]
+    [--format ettin]
 ettin order replay yamls/RUN.yaml [overrides...] [--order order.parquet]
-ettin order audit RECORDED PLANNED
+ettin order audit RECORDED PLANNED [--packed]
+ettin data verify DIR
+ettin data decompress DIR [--remove-zip]
 """
 
 from __future__ import annotations
@@ -13,10 +16,16 @@ from typing import Any
 import numpy as np
 
 
-def _load(config: str, overrides: list[str]):
-    """(cfg, tokenizer, train TokenDataset) of a run file, with every data check applied."""
+def _load(config: str, overrides: list[str], order_file: str | None = None):
+    """(cfg, rules, shards, replay, train data) of a run file, with every data check applied.
+
+    `order_file` (default: the config's data.order_file) is opened as a `Replay`; `shards` is
+    the train split's TokenDataset, None for an order file that holds only tokens; the train
+    data is the shards, or the order file's tokens (`OrderTokens`).
+    """
     from ettin.config import load_config
     from ettin.data.dataset import SampleRules, TokenDataset
+    from ettin.data.replay import OrderTokens, Replay
     from ettin.prep.tokenizer import default_tokenizer_dir, load_tokenizer
 
     cfg = load_config(config, overrides)
@@ -24,17 +33,22 @@ def _load(config: str, overrides: list[str]):
     rules = SampleRules.from_tokenizer(
         tokenizer, max_seq_len=cfg.data.max_seq_len, encoder=cfg.objective.name == "mlm"
     )
-    dataset = TokenDataset(
-        cfg.data.path,
-        cfg.data.train_split,
-        rules,
-        tokenizer=tokenizer,
-        local_cache=cfg.data.local_cache,
-    )
-    return cfg, tokenizer, dataset
+    path = order_file or cfg.data.order_file
+    replay = Replay.open(path, local_cache=cfg.data.local_cache) if path else None
+    shards = None
+    if replay is None or replay.sample_ids is not None:
+        shards = TokenDataset(
+            cfg.data.path,
+            cfg.data.train_split,
+            rules,
+            tokenizer=tokenizer,
+            local_cache=cfg.data.local_cache,
+        )
+    data = OrderTokens(replay, rules) if replay is not None and replay.has_tokens else shards
+    return cfg, rules, shards, replay, data
 
 
-def _order(cfg: Any, num_samples: int, order_file: str | None):
+def _order(cfg: Any, num_samples: int, replay: Any):
     from ettin.data.order import build_order
 
     return build_order(
@@ -44,17 +58,28 @@ def _order(cfg: Any, num_samples: int, order_file: str | None):
         max_seq_len=cfg.data.max_seq_len,
         warmup_tokens=cfg.data.batch_size_warmup_tokens,
         warmup_min=cfg.data.batch_size_warmup_min,
-        order_file=order_file,
+        order_file=replay,
+        skip_steps=cfg.data.skip_steps,
     )
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from ettin.data.order import export_order, write_order
+    from ettin.data.replay import export_order, write_order
 
-    cfg, _, dataset = _load(args.config, args.overrides)
-    order = _order(cfg, len(dataset), cfg.data.order_file)
+    cfg, _, _, replay, data = _load(args.config, args.overrides)
+    order = _order(cfg, len(data), replay)
+    steps = args.steps
+    if steps is None:
+        if replay is None:
+            raise SystemExit("give --steps N (the number of optimiser steps to export)")
+        steps = len(order.kept(0))  # the whole order file
+    published = args.format == "ettin"
     table = export_order(
-        order, args.steps, first_step=args.first_step, dataset=dataset if args.with_tokens else None
+        order,
+        steps,
+        first_step=args.first_step,
+        dataset=data if args.with_tokens or published else None,
+        tokens_only=published,
     )
     path = write_order(table, args.out)
     steps = np.unique(table.column("step").to_numpy())
@@ -65,25 +90,22 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_replay(args: argparse.Namespace) -> None:
-    from ettin.data.order import Replay, read_order
-
-    cfg, _, dataset = _load(args.config, args.overrides)
-    path = args.order or cfg.data.order_file
+    path = args.order
+    cfg, rules, shards, replay, data = _load(args.config, args.overrides, order_file=path)
+    path = path or cfg.data.order_file
     if not path:
         raise ValueError("give the order file with --order PATH (or data.order_file=PATH)")
-    table = read_order(path)
-    replay = Replay.from_table(table, source=str(path))
-    order = _order(cfg, len(dataset), str(path))  # checks ids against the dataset
-    sizes = np.diff(replay.bounds)
+    order = _order(cfg, len(data), replay)  # checks ids against the dataset
+    sizes = replay.sizes
     checked = 0
-    if "input_ids" in table.column_names:
-        n = min(args.check_tokens, table.num_rows)
-        sample_ids = table.column("sample_id").to_numpy()[:n]
-        tokens = table.column("input_ids").slice(0, n).to_pylist()
+    if replay.has_tokens:
+        replay.check_fits(order.schedule, cfg.data.max_seq_len, rules.vocab_size)
+        replay.check_rows(cfg.data.max_seq_len, rules.vocab_size)
+    if replay.has_tokens and shards is not None:
+        n = min(args.check_tokens, replay.num_rows)
         for row in range(n):
-            sid = int(sample_ids[row])
-            want = dataset[sid][1]
-            got = np.asarray(tokens[row], np.int64)
+            sid, got = data[row]
+            want = shards[sid][1]
             if not np.array_equal(want, got):
                 raise ValueError(
                     f"{path}: row {row} (sample {sid}) holds other tokens than this dataset's sample "
@@ -91,27 +113,116 @@ def cmd_replay(args: argparse.Namespace) -> None:
                 )
             checked += 1
     print(
-        f"{path}: {replay.num_steps} steps (from step {replay.first_step}), {len(replay.sample_ids)} samples"
+        f"{path}: {replay.num_steps} steps (from step {replay.first_step}), {replay.num_rows} samples"
     )
-    print(
-        f"  global batch sizes: min {int(sizes.min())}, max {int(sizes.max())}; sample ids < {len(dataset)}: ok"
-    )
+    if shards is None:
+        print(
+            f"  the file holds the tokens (no shards read): every row fits max_seq_len="
+            f"{cfg.data.max_seq_len} and the tokenizer's {rules.vocab_size} ids"
+        )
+    else:
+        print(f"  sample ids < {len(shards)}: ok")
+    print(f"  global batch sizes: min {int(sizes.min())}, max {int(sizes.max())}")
     if checked:
         print(f"  input_ids of the first {checked} rows match the dataset after the sample rules")
-    print(f"  steps per epoch when replayed: {order.steps_in_epoch(0)}")
+    print(f"  steps per epoch when replayed: {len(order.kept(0))}")
     print(
         "train from it: "
         + " ".join(["ettin train", args.config, *args.overrides, f"data.order_file={path}"])
     )
 
 
-def cmd_audit(args: argparse.Namespace) -> None:
-    from ettin.data.order import audit, read_order
+def _run_packs(recorded: str) -> bool | None:
+    """data.packing of the run a recorded order belongs to (its run folder's config.yaml), if known."""
+    from pathlib import Path
 
-    report = audit(read_order(args.recorded), read_order(args.planned))
+    from omegaconf import OmegaConf
+
+    config = Path(recorded).resolve().parent / "config.yaml"
+    if not config.is_file():
+        return None
+    try:
+        value = OmegaConf.select(OmegaConf.load(config), "data.packing")
+    except Exception:
+        return None
+    return bool(value) if value is not None else None
+
+
+def cmd_audit(args: argparse.Namespace) -> None:
+    from ettin.data.replay import audit, read_order
+
+    packed = args.packed if args.packed is not None else _run_packs(args.recorded)
+    report = audit(read_order(args.recorded), read_order(args.planned), ordered=not packed)
     print(report)
     if not report.ok:
         raise SystemExit(1)
+
+
+def _split_dirs(root):
+    """Every MDS split (a folder with index.json) at or under `root`, skipping temp folders."""
+    if (root / "index.json").is_file():
+        return [root]
+    return sorted(
+        p.parent
+        for p in root.rglob("index.json")
+        if not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+
+
+def cmd_verify(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from ettin.data.dataset import DataError, read_index, verify_split
+
+    root = Path(args.dir)
+    if not root.is_dir():
+        raise DataError(
+            f"{root} is not a folder; give a prepared phase (or its parent, or a split)"
+        )
+    splits = _split_dirs(root)
+    if not splits:
+        raise DataError(f"no MDS split (index.json) under {root}; prepare it with `ettin prep`")
+    indexes = {split: read_index(split) for split in splits}
+    total = sum(int(s["raw_data"].get("bytes", 0)) for i in indexes.values() for s in i["shards"])
+    shards = sum(len(i["shards"]) for i in indexes.values())
+    problems: list[str] = []
+    with tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=args.quiet) as bar:
+        for split in splits:
+            problems += verify_split(split, progress=bar.update)
+    if problems:
+        for line in problems:
+            print(f"CORRUPT: {line}" if "is corrupted" in line else f"PROBLEM: {line}")
+        print(f"{len(problems)} of {shards} shards in {len(splits)} splits under {root} failed")
+        raise SystemExit(1)
+    print(
+        f"OK: {shards} shards in {len(splits)} splits under {root} match their hashes ({total:,} bytes)"
+    )
+
+
+def cmd_decompress(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from ettin.data.dataset import DataError
+    from ettin.data.remote import decompress_split
+
+    root = Path(args.dir)
+    if not root.is_dir():
+        raise DataError(
+            f"{root} is not a folder; give a split (or a phase, or the folder of several)"
+        )
+    splits = _split_dirs(root)
+    if not splits:
+        raise DataError(f"no MDS split (index.json) under {root}")
+    done = kept = 0
+    for split in splits:
+        n, already = decompress_split(split, quiet=args.quiet, keep_zip=not args.remove_zip)
+        done, kept = done + n, kept + already
+    print(
+        f"OK: decompressed {done} shards ({kept} already readable) in {len(splits)} splits under "
+        f"{root}, each checked against index.json; train on it as it is"
+    )
 
 
 def register(subparsers: Any) -> None:
@@ -124,13 +235,25 @@ def register(subparsers: Any) -> None:
     )
     e.add_argument("config", help="run file, e.g. yamls/encoder-150m.yaml")
     e.add_argument("overrides", nargs="*", help="Hydra overrides: key=value")
-    e.add_argument("--steps", type=int, required=True, help="number of optimiser steps to export")
+    e.add_argument(
+        "--steps",
+        type=int,
+        help="number of optimiser steps to export (default with data.order_file: all of it)",
+    )
     e.add_argument("--first-step", type=int, default=0, help="first global step (default 0)")
     e.add_argument("--out", required=True, help="output Parquet file")
     e.add_argument(
         "--with-tokens",
         action="store_true",
         help="add an input_ids column (after the sample rules)",
+    )
+    e.add_argument(
+        "--format",
+        choices=("order", "ettin"),
+        default="order",
+        help="order: step, sample_id, epoch (default); ettin: the published ettin-data-order "
+        "schema, step and input_ids (after the sample rules). Convert a recorded order with "
+        "data.order_file=runs/RUN/data_order.parquet",
     )
     e.set_defaults(func=cmd_export)
 
@@ -155,4 +278,34 @@ def register(subparsers: Any) -> None:
         "recorded", help="recorded order (the run's data_order folder or a Parquet file)"
     )
     a.add_argument("planned", help="planned order (from `ettin order export`)")
+    a.add_argument(
+        "--packed",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the run packs sequences, so only each step's set of samples counts (default: "
+        "data.packing from the run's config.yaml beside RECORDED, else not packed: the order "
+        "inside a step must match too)",
+    )
     a.set_defaults(func=cmd_audit)
+
+    d = subparsers.add_parser("data", help="check prepared MDS shards")
+    dsub = d.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    v = dsub.add_parser(
+        "verify",
+        help="check every shard (file, size, header, content hash) of a prepared phase; exit 1 "
+        "on any problem",
+    )
+    v.add_argument("dir", help="a prepared phase, the folder of several, or one split")
+    v.add_argument("--quiet", action="store_true", help="no progress bar")
+    v.set_defaults(func=cmd_verify)
+    z = dsub.add_parser(
+        "decompress",
+        help="decompress the compressed shards (.mds.zstd, ...) of a split in place, each checked "
+        "against index.json's hashes; idempotent",
+    )
+    z.add_argument("dir", help="a split, a phase, or the folder of several")
+    z.add_argument("--quiet", action="store_true", help="no progress bar")
+    z.add_argument(
+        "--remove-zip", action="store_true", help="delete each compressed shard once decompressed"
+    )
+    z.set_defaults(func=cmd_decompress)

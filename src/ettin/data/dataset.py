@@ -3,7 +3,8 @@
 Layout written by `ettin prep`: `<phase>/meta.json` (with the tokenizer fingerprint) and
 `<phase>/<split>/index.json` + shards whose columns are `input_ids: ndarray:uint32`,
 `source: str`, `id: str`. Shards are read with mosaicml-streaming's MDS readers; a remote
-phase (s3://, gs://, ...) is first fetched into `local_cache` by Streaming's own downloader.
+phase (s3://, gs://, hf://, ...), or a local one of compressed shards, is first fetched into
+`local_cache` (`ettin.data.remote.fetch_split`: parallel, resumable, each shard checked).
 
 `TokenDataset(...)[i]` is `(i, ids)` where `ids` (int64) has had the sample rules applied
 (reference §4.2, with its bugs B12 fixed): prepend BOS ([CLS]) if missing; truncate to
@@ -11,16 +12,24 @@ phase (s3://, gs://, ...) is first fetched into `local_cache` by Streaming's own
 `max_seq_len - 1` and append it); decoders keep EOS only where the data has it. Only
 `input_ids` is touched. A sample holding PAD or an id outside the vocabulary is an error that
 names its shard and row. Everything that can be checked before training (folders, index.json,
-shard files and sizes, column types, empty split, tokenizer fingerprint) is checked when the
-dataset is built, and each problem raises a `DataError` that names the file and the fix.
+shard files and sizes, each shard's own sample count against index.json, column types, empty
+split, tokenizer fingerprint; without meta.json, a sample of rows against the tokenizer's
+[CLS] and vocabulary; the content hashes of small splits) is checked when the dataset is built,
+and each problem raises a `DataError` that names the file and the fix. A sample that turns out
+unreadable or impossible during training is checked against its shard's hash, so a damaged
+shard is reported as corruption, not as a tokenizer mismatch. `verify_split` checks every
+shard's hash (`ettin data verify`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import struct
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +44,13 @@ META = "meta.json"
 INPUT_IDS = "input_ids"
 INPUT_IDS_ENCODING = "ndarray:uint32"
 _SHARD_KEYS = ("format", "raw_data", "samples", "column_names", "column_encodings")
+HASH_CHECK_MAX_BYTES = 1 << 30
+"""Splits at most this large (all shards together) have their content hashes checked when the
+dataset is built (xxh64 reads ~1 GB/s or more); larger ones only with `ettin data verify`."""
+META_CHECK_ROWS = 64
+"""Rows checked against the tokenizer (first token [CLS], ids in the vocabulary) without meta.json."""
+PREFERRED_HASHES = ("xxh64", "xxh3_64", "sha1", "md5", "sha256")
+"""Which of a shard's recorded hashes to check (the fastest available first)."""
 
 
 class DataError(ValueError):
@@ -111,41 +127,30 @@ def is_remote(path: str) -> bool:
 
 
 def _fetch_remote(remote: str, split: str, local_cache: str | None) -> Path:
-    """Download `<remote>/meta.json` and the whole split into `local_cache` with Streaming."""
+    """Fetch `<remote>/meta.json` and the whole split into `local_cache`, in parallel, each shard
+    checked against index.json before use (`ettin.data.remote.fetch_split`). `remote` may also be
+    a local phase whose shards are compressed: they are decompressed into the cache."""
     if not local_cache:
         raise DataError(
-            f"data.path={remote} is remote; set data.local_cache to a local folder to download it into"
+            f"data.path={remote} is remote; set data.local_cache to a local folder to download it "
+            f"into (data.order=streaming streams it within data.cache_limit instead)"
         )
-    from composer.utils import dist
-    from streaming.base.storage import CloudDownloader
-    from streaming.base.stream import Stream
-    from streaming.base.world import World
+    from ettin.data.remote import fetch_split
 
-    root = Path(local_cache)
-    with dist.run_local_rank_zero_first():
-        meta_local = root / META
-        if not meta_local.exists():
-            try:
-                CloudDownloader.direct_download(f"{remote.rstrip('/')}/{META}", str(meta_local))
-            except Exception as err:  # a phase without meta.json is still usable (warned later)
-                log.warning("could not download %s/%s: %s", remote, META, err)
-        stream = Stream(remote=remote, local=str(root), split=split)
-        stream.apply_default(
-            {
-                "split": split,
-                "download_retry": 2,
-                "download_timeout": 600,
-                "validate_hash": None,
-                "keep_zip": False,
-            }
-        )
-        try:
-            shards = stream.get_shards(World.detect(), allow_unsafe_types=False)
-        except Exception as err:
-            raise DataError(f"could not fetch {remote}/{split}/{INDEX} into {root}: {err}") from err
-        for shard in shards:
-            stream.prepare_shard(shard)  # download (and decompress) once; no-op if present
-    return root
+    return fetch_split(remote, split, local_cache)
+
+
+def _source_root(path: str, split: str, local_cache: str | None) -> Path:
+    """The local phase folder to read: `path` itself, or `local_cache` after fetching `path`
+    (remote) or decompressing it (a local split of compressed shards, with `local_cache` set)."""
+    if is_remote(path):
+        return _fetch_remote(path, split, local_cache)
+    if local_cache:
+        from ettin.data.remote import needs_decompression
+
+        if needs_decompression(Path(path) / split):
+            return _fetch_remote(path, split, local_cache)
+    return Path(path)
 
 
 def read_index(split_dir: Path) -> dict:
@@ -212,8 +217,9 @@ def check_shard_files(split_dir: Path, index: dict) -> None:
         if not path.exists():
             zipped = shard.get("zip_data") or {}
             hint = (
-                f" (only the compressed {zipped['basename']} is there: decompress the split, or read it "
-                f"through data.local_cache)"
+                f" (only the compressed {zipped['basename']} is there: decompress the split with "
+                f"`ettin data decompress {split_dir}`, or set data.local_cache to a folder to "
+                f"decompress it into)"
                 if zipped and (split_dir / zipped["basename"]).exists()
                 else "; re-run `ettin prep` or copy the missing file"
             )
@@ -224,13 +230,114 @@ def check_shard_files(split_dir: Path, index: dict) -> None:
                 f"shard file {path} has {size} bytes but {split_dir / INDEX} says {raw['bytes']}: it is "
                 f"truncated or was overwritten; re-run `ettin prep` or copy it again"
             )
+        check_shard_header(path, int(shard["samples"]), split_dir / INDEX)
+
+
+def check_shard_header(path: Path, samples: int, index_file: Path) -> None:
+    """An MDS shard's own header (uint32 sample count, then count + 1 uint32 offsets whose last is
+    the file size) must agree with index.json's `samples`: otherwise the global sample ids, and
+    so the data order, would silently refer to other samples."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(4)
+        if len(head) < 4:
+            raise DataError(
+                f"shard file {path} is too short to hold an MDS header; it is damaged: re-run "
+                f"`ettin prep` or re-download it"
+            )
+        (count,) = struct.unpack("<I", head)
+        if count != samples:
+            raise DataError(
+                f"{index_file} says shard {path.name} holds {samples} samples, but the shard file's "
+                f"own header says {count}: index.json does not belong to these shards (edited, or "
+                f"from another write). Re-run `ettin prep` for this phase or re-download the split"
+            )
+        table = f.read(4 * (count + 1))
+    offsets = np.frombuffer(table, np.uint32) if len(table) == 4 * (count + 1) else None
+    if (
+        offsets is None
+        or int(offsets[0]) < 4 * (count + 2)
+        or int(offsets[-1]) != size
+        or (np.diff(offsets.astype(np.int64)) < 0).any()
+    ):
+        raise DataError(
+            f"shard file {path} is corrupted: its table of sample offsets does not fit the file "
+            f"({size} bytes). Re-run `ettin prep` for this phase or re-download the shard"
+        )
+
+
+def _hasher(algo: str) -> Callable[[], Any] | None:
+    if algo in hashlib.algorithms_available:
+        return lambda: hashlib.new(algo)
+    try:
+        import xxhash
+    except ImportError:
+        return None
+    return getattr(xxhash, algo, None)
+
+
+def shard_hash_problem(path: Path, raw: dict) -> str | None:
+    """None if the shard file's content matches a hash index.json records for it; else why not.
+
+    Raises `LookupError` when index.json records no hash this environment can compute.
+    """
+    recorded = raw.get("hashes") or {}
+    algo = next((a for a in PREFERRED_HASHES if a in recorded and _hasher(a)), None)
+    if algo is None:
+        algo = next((a for a in recorded if _hasher(a)), None)
+    if algo is None:
+        raise LookupError(f"index.json records no usable hash for {path.name}")
+    h = _hasher(algo)()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    if h.hexdigest() != recorded[algo]:
+        return f"its {algo} hash is {h.hexdigest()}, index.json recorded {recorded[algo]}"
+    return None
+
+
+def corruption_message(path: Path, why: str) -> str:
+    return (
+        f"shard file {path} is corrupted ({why}): its content is not what `ettin prep` wrote. "
+        f"Re-run `ettin prep` for this phase or re-download the shard; `ettin data verify "
+        f"{path.parent.parent}` checks every shard"
+    )
+
+
+def verify_split(split_dir: Path, progress: Callable[[int], None] | None = None) -> list[str]:
+    """Check every shard of a split: file, size, header and content hash. Returns the problems
+    (one line each; empty when all is well). `progress(bytes)` is called after each shard."""
+    index = read_index(split_dir)
+    problems: list[str] = []
+    for shard in index["shards"]:
+        raw = shard["raw_data"]
+        path = split_dir / raw["basename"]
+        try:
+            check_shard_files(split_dir, {"shards": [shard]})
+            why = shard_hash_problem(path, raw)
+            if why:
+                problems.append(corruption_message(path, why))
+        except DataError as err:
+            problems.append(str(err))
+        except LookupError:
+            problems.append(
+                f"{split_dir / INDEX} records no content hash for {raw['basename']}: it cannot be "
+                f"verified (shards written before hashes were recorded); re-run `ettin prep` to add them"
+            )
+        if progress is not None:
+            progress(int(raw.get("bytes", 0)))
+    return problems
 
 
 def read_meta(root: Path) -> dict | None:
     """The phase's meta.json, or None (with a warning) if there is none."""
     path = root / META
     if not path.exists():
-        log.warning("%s not found: cannot check that the shards match the tokenizer", path)
+        log.warning(
+            "%s not found: the tokenizer fingerprint cannot be checked; checking sampled rows "
+            "against the tokenizer's [CLS] and vocabulary instead",
+            path,
+        )
         return None
     try:
         return json.loads(path.read_text())
@@ -300,15 +407,23 @@ class TokenDataset(Dataset):
         from streaming.base.spanner import Spanner
 
         path = str(path)
-        root = _fetch_remote(path, split, local_cache) if is_remote(path) else Path(path)
+        root = _source_root(path, split, local_cache)
         split_dir = root / split
         index = read_index(split_dir)
         check_shard_files(split_dir, index)
-        check_tokenizer(read_meta(root), tokenizer, root)
+        meta = read_meta(root)
+        check_tokenizer(meta, tokenizer, root)
 
         self.root, self.split, self.rules = root, split, rules
         self.shards = [reader_from_json(str(root), split, info) for info in index["shards"]]
         self.shard_names = [info["raw_data"]["basename"] for info in index["shards"]]
+        self._raw_info = [info["raw_data"] for info in index["shards"]]
+        self._hash_checked: dict[int, str | None] = {}
+        # With a matching fingerprint in meta.json, the shards were written with this tokenizer:
+        # an impossible id can then only come from damage, never from another tokenizer.
+        self._tokenizer_checked = bool(
+            meta and isinstance(meta.get("tokenizer") or meta.get("tokenizer_fingerprint"), dict)
+        )
         sizes = np.asarray([s.samples for s in self.shards], np.int64)
         self.num_samples = int(sizes.sum())
         if self.num_samples == 0:
@@ -317,6 +432,78 @@ class TokenDataset(Dataset):
             )
         self._spanner = Spanner(sizes)
         self._warned_truncation = False
+        self._check_hashes_if_small()
+        if meta is None and tokenizer is not None:
+            self._check_rows_against_tokenizer()
+
+    def _check_hashes_if_small(self) -> None:
+        """Content hashes of every shard, before training, when the split is small enough."""
+        total = sum(int(r.get("bytes", 0)) for r in self._raw_info)
+        if total > HASH_CHECK_MAX_BYTES or not all(r.get("hashes") for r in self._raw_info):
+            return
+        for n in range(len(self.shards)):
+            why = self._shard_hash_problem(n)
+            if why:
+                raise DataError(
+                    corruption_message(self.root / self.split / self.shard_names[n], why)
+                )
+
+    def _shard_hash_problem(self, n: int) -> str | None:
+        """Cached `shard_hash_problem` of shard n (None also when no hash is recorded)."""
+        if n not in self._hash_checked:
+            try:
+                why = shard_hash_problem(
+                    self.root / self.split / self.shard_names[n], self._raw_info[n]
+                )
+            except LookupError:
+                why = None
+            self._hash_checked[n] = why
+        return self._hash_checked[n]
+
+    def _check_rows_against_tokenizer(self) -> None:
+        """Without meta.json: rows spread over the split must look like this tokenizer's output."""
+        rules = self.rules
+        for i in np.unique(np.linspace(0, self.num_samples - 1, META_CHECK_ROWS).astype(np.int64)):
+            raw, shard, row = self._read(int(i))
+            where = self._where(int(i), shard, row)
+            first = int(raw[0]) if len(raw) else None
+            if rules.vocab_size is not None and len(raw) and int(raw.max()) >= rules.vocab_size:
+                problem = (
+                    f"{where} holds token id {int(raw.max())}, outside the tokenizer's "
+                    f"{rules.vocab_size} ids"
+                )
+            elif first != rules.cls_id:
+                problem = (
+                    f"{where} starts with id {first}, not the tokenizer's [CLS] id {rules.cls_id}"
+                )
+            else:
+                continue
+            raise DataError(
+                f"{self.root / META} is missing, so the shards cannot be matched to the tokenizer, "
+                f"and {problem}: the shards were made with another tokenizer. Use the tokenizer that "
+                f"made them (config key `tokenizer`), or re-run `ettin prep` with this one (it writes "
+                f"meta.json)"
+            )
+
+    def _damaged(self, i: int, shard: int, row: int, found: str) -> DataError | None:
+        """A corruption error for sample `i` when its shard no longer holds what prep wrote.
+
+        `found` says what was wrong with the sample, in words that blame nothing.
+        """
+        path = self.root / self.split / self.shard_names[shard]
+        where = f"sample {i} (row {row}) {found}"
+        why = self._shard_hash_problem(shard)
+        if why:
+            return DataError(f"{corruption_message(path, why)}; {where}")
+        if self._raw_info[shard].get("hashes"):
+            return None  # the content is what prep wrote: the sample's own error stands
+        if self._tokenizer_checked:
+            return DataError(
+                f"shard file {path} is probably corrupted: {where}, yet meta.json says the shards "
+                f"were made with this tokenizer. Re-run `ettin prep` for this phase or re-download "
+                f"the shard (index.json records no hashes to confirm it)"
+            )
+        return None
 
     def __len__(self) -> int:
         return self.num_samples
@@ -342,7 +529,13 @@ class TokenDataset(Dataset):
         try:
             return self.shards[shard].get_item(row)[INPUT_IDS], shard, row
         except Exception as err:
-            raise DataError(f"cannot read {self._where(i, shard, row)}: {err}") from err
+            damaged = self._damaged(i, shard, row, f"cannot be decoded ({err})")
+            if damaged is not None:
+                raise damaged from err
+            raise DataError(
+                f"cannot read {self._where(i, shard, row)}: {err}. The shard is probably damaged: "
+                f"run `ettin data verify {self.root}`, then re-run `ettin prep` or re-download it"
+            ) from err
 
     def raw(self, i: int) -> np.ndarray:
         """The stored input_ids of sample `i` (uint32), before the sample rules."""
@@ -364,4 +557,17 @@ class TokenDataset(Dataset):
                 len(raw),
                 self.rules.max_seq_len,
             )
-        return i, self.rules.apply(raw, where=self._where(i, shard, row))
+        try:
+            return i, self.rules.apply(raw, where=self._where(i, shard, row))
+        except DataError as err:
+            ids = np.asarray(raw)
+            top = int(ids.max()) if ids.size else 0
+            found = (
+                f"holds id {top}, beyond the {self.rules.vocab_size}-id vocabulary"
+                if self.rules.vocab_size is not None and top >= self.rules.vocab_size
+                else "holds the PAD id"
+            )
+            damaged = self._damaged(i, shard, row, found)
+            if damaged is not None:
+                raise damaged from err
+            raise

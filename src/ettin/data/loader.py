@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,8 @@ from torch.utils.data.distributed import DistributedSampler
 
 from ettin.data.collate import Collator, MaskSpec
 from ettin.data.dataset import DataError, SampleRules, TokenDataset
-from ettin.data.order import DataOrder, build_order, rank_slice
+from ettin.data.order import SKIP_FILE, DataOrder, build_order, rank_slice, skip_ranges
+from ettin.data.replay import open_train_data
 from ettin.objectives import num_loss_tokens, token_sets
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,8 @@ Key = tuple[int, int]
 
 
 class KeyedDataset(Dataset):
-    """`ds[(sample_id, mask_epoch)] -> (sample_id, mask_epoch, ids)` over a TokenDataset."""
+    """`ds[(i, mask_epoch)] -> (sample_id, mask_epoch, ids)` over a TokenDataset (i is the
+    sample id) or the tokens of an order file (i is the row; `OrderTokens` gives the id)."""
 
     def __init__(self, base: TokenDataset) -> None:
         self.base = base
@@ -47,8 +50,9 @@ class KeyedDataset(Dataset):
         return len(self.base)
 
     def __getitem__(self, key: Key) -> tuple[int, int, np.ndarray]:
-        sid, epoch = key
-        return sid, epoch, self.base[sid][1]
+        i, epoch = key
+        sid, ids = self.base[i]
+        return sid, epoch, ids
 
 
 class OrderSampler(DistributedSampler):
@@ -56,7 +60,8 @@ class OrderSampler(DistributedSampler):
 
     A `DistributedSampler` subclass only so that Composer recognises it (it calls `set_epoch`
     on it each epoch and accepts it for world_size > 1); it yields lists of `(sample_id,
-    mask_epoch)` keys. `start_at(k)` makes the next pass over the epoch begin at step `k`.
+    mask_epoch)` keys for the kept steps of the epoch (`DataOrder.kept`: skip ranges removed).
+    `start_at(j)` makes the next pass over the epoch begin at its j-th kept step.
     """
 
     def __init__(self, dataset: Dataset, order: DataOrder, *, rank: int, world_size: int) -> None:
@@ -79,10 +84,10 @@ class OrderSampler(DistributedSampler):
         return -(-full // self.num_replicas)
 
     def __len__(self) -> int:
-        return self.order.steps_in_epoch(self.epoch)
+        return len(self.order.kept(self.epoch))
 
     def start_at(self, step_in_epoch: int, epoch: int | None = None) -> None:
-        """Begin the next pass at `step_in_epoch` (of `epoch`, checked if given)."""
+        """Begin the next pass at the kept step `step_in_epoch` (of `epoch`, checked if given)."""
         self._start = (epoch, int(step_in_epoch))
 
     def batch(self, k: int, epoch: int | None = None) -> list[Key]:
@@ -102,7 +107,7 @@ class OrderSampler(DistributedSampler):
                     f"resumption expected epoch {want} but the trainer is at epoch {epoch}; "
                     f"the checkpoint and the data order disagree"
                 )
-        for k in range(first, self.order.steps_in_epoch(epoch)):
+        for k in self.order.kept(epoch)[first:].tolist():
             yield self.batch(k, epoch)
 
 
@@ -123,13 +128,21 @@ class TrainDataset(KeyedDataset):
         }
 
     def state_dict(self, num_samples: int, from_beginning: bool = True) -> dict:
-        """Where training is inside the epoch (Composer passes `timestamp.sample_in_epoch`)."""
-        return {
+        """Where training is inside the epoch (Composer passes `timestamp.sample_in_epoch`),
+        and the order step it trains next (so skip ranges added later resume exactly)."""
+        order, epoch = self.sampler.order, self.sampler.epoch
+        state = {
             "version": 1,
-            "epoch": self.sampler.epoch,
+            "epoch": epoch,
             "sample_in_epoch": int(num_samples),
+            "skip_steps": [list(r) for r in order.skip_ranges],
             **self._identity(),
         }
+        try:
+            state["next_step"] = order.next_step(epoch, order.step_at_sample(epoch, num_samples))
+        except DataError:  # not a step boundary: resuming from it fails with the same error
+            pass
+        return state
 
     def load_state_dict(self, obj: dict | None) -> None:
         """Make the sampler start at the step the checkpoint stopped at."""
@@ -146,10 +159,18 @@ class TrainDataset(KeyedDataset):
         n = int(obj.get("sample_in_epoch", 0))
         if n == 0:
             return
-        epoch = int(obj["epoch"])
-        k = self.sampler.order.step_at_sample(epoch, n)
+        epoch, order = int(obj["epoch"]), self.sampler.order
+        if obj.get("next_step") is not None:
+            k = order.resume_index(epoch, n, int(obj["next_step"]))
+        else:  # checkpoints written before next_step was recorded
+            k = order.step_at_sample(epoch, n)
         log.info(
-            "resuming the data order at epoch %d, step %d of the epoch (%d samples in)", epoch, k, n
+            "resuming the data order at epoch %d, kept step %d of the epoch (%d samples in; "
+            "next order step %d)",
+            epoch,
+            k,
+            n,
+            order.next_step(epoch, k),
         )
         self.sampler.start_at(k, epoch)
 
@@ -176,6 +197,10 @@ class EvalSampler(DistributedSampler):
         if len(bounds) > 2 and bounds[-1] - bounds[-2] < world_size:
             bounds.pop(-2)
         self.bounds = bounds
+        # Nothing is padded. Composer's eval loop takes `total_size - len(dataset)` as the number
+        # of padding samples to drop from the last batch (DistributedSampler pads to W x ceil);
+        # left at DistributedSampler's value it would drop real samples.
+        self.total_size = n
 
     def set_epoch(self, epoch: int) -> None:  # the evaluation order never changes
         pass
@@ -245,24 +270,32 @@ def build_dataloader(
     seed: int,
     microbatch_size: int,
     epoch_offset: int = 0,
-    train: bool | None = None,
+    run_dir: str | Path | None = None,
 ):
     """The `composer.core.DataSpec` of one split for this rank.
 
-    `train` defaults to `split == data_cfg.train_split`. `seed` seeds the MLM masks
-    (`data_cfg.shuffle_seed` seeds the order). `epoch_offset` shifts the permutation and mask
-    epoch (Composer epoch e uses epoch e + epoch_offset). Token counts exclude padding; the
-    'loss_generating' count feeds Composer's `accumulate_train_batch_on_tokens`.
+    The split `data_cfg.train_split` trains, any other evaluates. `seed` seeds the MLM masks
+    (`data_cfg.shuffle_seed` seeds the order). `epoch_offset` shifts the mask epoch of
+    `data.order=streaming`. Training skips `data.skip_steps` and the ranges of
+    `<run_dir>/skip_steps.json` (`ettin.data.order.skip_ranges`). Token counts exclude padding;
+    the 'loss_generating' count feeds Composer's `accumulate_train_batch_on_tokens`.
     """
     from composer.core import DataSpec
 
-    train = split == data_cfg.train_split if train is None else train
+    train = split == data_cfg.train_split
     objective = objective_cfg.name
     encoder = objective == "mlm"
     rules = SampleRules.from_tokenizer(tokenizer, max_seq_len=data_cfg.max_seq_len, encoder=encoder)
-    base = TokenDataset(
-        data_cfg.path, split, rules, tokenizer=tokenizer, local_cache=data_cfg.local_cache
-    )
+    streaming = train and getattr(data_cfg, "order", "global") == "streaming"
+    replay = None
+    if streaming:
+        base = None  # data.order=streaming: shards arrive on demand (ettin.data.streaming)
+    elif train:  # the shards, or an order file that holds the tokens (ettin.data.replay)
+        base, replay = open_train_data(data_cfg, rules, tokenizer)
+    else:
+        base = TokenDataset(
+            data_cfg.path, split, rules, tokenizer=tokenizer, local_cache=data_cfg.local_cache
+        )
 
     mlm = None
     if encoder:
@@ -286,6 +319,21 @@ def build_dataloader(
             raise DataError(
                 f"global batch size {global_batch_size} is not divisible by {world_size} ranks"
             )
+        if streaming:
+            from ettin.data.streaming import build_streaming_train
+
+            return build_streaming_train(
+                data_cfg,
+                rules,
+                tokenizer,
+                collator,
+                split=split,
+                global_batch_size=global_batch_size,
+                world_size=world_size,
+                epoch_offset=epoch_offset,
+                num_samples_in_batch=num_samples_in_batch,
+                get_num_tokens_in_batch=token_counter(objective),
+            )
         order = build_order(
             len(base),
             global_batch_size=global_batch_size,
@@ -293,9 +341,11 @@ def build_dataloader(
             max_seq_len=data_cfg.max_seq_len,
             warmup_tokens=data_cfg.batch_size_warmup_tokens,
             warmup_min=data_cfg.batch_size_warmup_min,
-            order_file=data_cfg.order_file,
-            epoch_offset=epoch_offset,
+            order_file=replay,
+            skip_steps=_skip_steps(data_cfg, run_dir),
         )
+        if replay is not None and replay.has_tokens:
+            replay.check_fits(order.schedule, data_cfg.max_seq_len, rules.vocab_size)
         _check_rank_sizes(order, world_size, microbatch_size)
         dataset: Dataset = TrainDataset(base)
         sampler: DistributedSampler = OrderSampler(dataset, order, rank=rank, world_size=world_size)
@@ -321,6 +371,20 @@ def build_dataloader(
         get_num_samples_in_batch=num_samples_in_batch,
         get_num_tokens_in_batch=token_counter(objective),
     )
+
+
+def _skip_steps(data_cfg: Any, run_dir: str | Path | None):
+    """data.skip_steps + `<run_dir>/skip_steps.json`, read on rank 0 and sent to every rank."""
+    from composer.utils import dist
+
+    ranges = skip_ranges(getattr(data_cfg, "skip_steps", None) or (), run_dir)
+    if dist.get_world_size() > 1 and run_dir is not None:
+        box = [ranges]
+        dist.broadcast_object_list(box, src=0)
+        ranges = box[0]
+    if ranges:
+        log.info("skipping the order steps %s (data.skip_steps, %s)", ranges, SKIP_FILE)
+    return ranges
 
 
 def _check_rank_sizes(order: DataOrder, world_size: int, microbatch_size: int) -> None:

@@ -14,19 +14,26 @@ it grows from `batch_size_warmup_min` to the full size in steps of `batch_size_w
 `batch_size_warmup_tokens`, each size lasting a token span proportional to itself (as in the
 reference packer). A sample counts as `max_seq_len` tokens for the schedule, so the size of step
 `t` is a pure function of `t`: it is the same for MLM and CLM, for any world size, with or
-without packing. A replayed order file (`data.order_file`) replaces both the permutation and
-the schedule: step `k` is the rows of the file with the k-th step value, in file order.
+without packing. An order file (`data.order_file`, `ettin.data.replay`) replaces both the
+permutation and the schedule: step k is the rows of the file with the k-th step value.
 
-Everything here is a pure function of (N, seed, schedule, epoch, step), so the order can be
-exported before a run, audited after it, and resumed exactly.
+Skip ranges (`data.skip_steps`, plus `<run_dir>/skip_steps.json`) remove order steps: `[a, b]`
+drops the steps `a <= step < b` of the order (the `step` of `ettin order export`, or of the
+order file), and the run trains on the steps after them as if they did not exist, its own step
+counter (and so the LR schedule) going on. Inside an epoch the run's j-th step is the j-th
+kept step (`kept`), which is all the resume arithmetic needs (`step_at_sample`).
+
+Everything here is a pure function of (N, seed, schedule, skips, epoch, step), so the order can
+be exported before a run, audited after it, and resumed exactly.
 """
 
 from __future__ import annotations
 
 import bisect
+import json
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -37,14 +44,12 @@ import numpy as np
 from ettin.data.dataset import DataError
 
 if TYPE_CHECKING:
-    import pyarrow as pa
-
-    from ettin.data.dataset import TokenDataset
+    from ettin.data.replay import Replay
 
 log = logging.getLogger(__name__)
 
-ORDER_COLUMNS = ("step", "sample_id")
-"""Required columns of an order file; `epoch` (mask epoch) and `input_ids` are optional."""
+SKIP_FILE = "skip_steps.json"
+"""Skip ranges a run folder may hold (written by a loss-spike rewind); merged with data.skip_steps."""
 
 
 # --------------------------------------------------------------------------- pure functions
@@ -81,6 +86,62 @@ def parse_tokens(value: str | int) -> int:
     if t.unit != TimeUnit.TOKEN:
         raise ValueError(f"{value!r} must be in tokens (suffix 'tok'), not {t.unit.value}")
     return int(t.value)
+
+
+# --------------------------------------------------------------------------- skip ranges
+
+
+def normalize_skips(
+    ranges: Iterable, where: str = "data.skip_steps"
+) -> tuple[tuple[int, int], ...]:
+    """`[[a, b], ...]` (steps a <= step < b) checked, sorted and merged where they overlap."""
+    out: list[list[int]] = []
+    for r in ranges or ():
+        try:
+            a, b = (int(x) for x in r)
+        except (TypeError, ValueError):
+            raise DataError(
+                f"{where}: {r!r} is not a range [first, end] of steps (end excluded)"
+            ) from None
+        if not 0 <= a < b:
+            raise DataError(
+                f"{where}: [{a}, {b}] is empty or negative; a range [a, b] skips the steps "
+                f"a <= step < b, so it needs 0 <= a < b"
+            )
+        out.append([a, b])
+    merged: list[list[int]] = []
+    for a, b in sorted(out):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    return tuple((a, b) for a, b in merged)
+
+
+def read_skip_file(run_dir: str | Path) -> list:
+    """The ranges of `<run_dir>/skip_steps.json` (a list of [a, b], or {"skip_steps": [...]})."""
+    path = Path(run_dir) / SKIP_FILE
+    if not path.exists():
+        return []
+    try:
+        obj = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(
+            f"{path} is not JSON ({err}); it must hold a list of [a, b] ranges"
+        ) from err
+    ranges = obj.get("skip_steps", []) if isinstance(obj, dict) else obj
+    if not isinstance(ranges, list):
+        raise DataError(
+            f"{path} must hold a list of [a, b] step ranges, not {type(ranges).__name__}"
+        )
+    normalize_skips(ranges, where=str(path))
+    return ranges
+
+
+def skip_ranges(config_ranges: Iterable, run_dir: str | Path | None = None):
+    """data.skip_steps merged with the run folder's skip_steps.json (if any)."""
+    extra = read_skip_file(run_dir) if run_dir is not None else []
+    return normalize_skips([*(config_ranges or ()), *extra])
 
 
 # --------------------------------------------------------------------------- batch-size schedule
@@ -164,87 +225,10 @@ class BatchSchedule:
 
     def sizes(self, first: int, count: int) -> np.ndarray:
         """Sizes of steps first .. first+count-1."""
-        return np.asarray([self.size(t) for t in range(first, first + count)], np.int64)
-
-
-# --------------------------------------------------------------------------- replay
-
-
-@dataclass
-class Replay:
-    """A recorded order: global step k is `sample_ids[bounds[k]:bounds[k+1]]`."""
-
-    sample_ids: np.ndarray
-    bounds: np.ndarray
-    epochs: np.ndarray | None
-    source: str
-    first_step: int
-
-    @property
-    def num_steps(self) -> int:
-        return len(self.bounds) - 1
-
-    def batch(self, k: int) -> np.ndarray:
-        return self.sample_ids[self.bounds[k] : self.bounds[k + 1]]
-
-    def epoch_of(self, k: int) -> np.ndarray | None:
-        if self.epochs is None:
-            return None
-        return self.epochs[self.bounds[k] : self.bounds[k + 1]]
-
-    @classmethod
-    def from_table(cls, table: pa.Table, source: str = "order table") -> Replay:
-        names = set(table.column_names)
-        missing = [c for c in ORDER_COLUMNS if c not in names]
-        if missing:
-            raise DataError(
-                f"{source}: order file has no {' / '.join(missing)} column (columns: "
-                f"{sorted(names)}); an order file has one row per sample with `step` and "
-                f"`sample_id` (write one with `ettin order export`)"
-            )
-        steps = np.asarray(table.column("step").to_numpy(), np.int64)
-        ids = np.asarray(table.column("sample_id").to_numpy(), np.int64)
-        epochs = (
-            np.asarray(table.column("epoch").to_numpy(), np.int64) if "epoch" in names else None
-        )
-        if len(steps) == 0:
-            raise DataError(f"{source}: the order file is empty")
-        order = np.argsort(steps, kind="stable")  # keep file order inside a step
-        steps, ids = steps[order], ids[order]
-        epochs = epochs[order] if epochs is not None else None
-        uniq, starts = np.unique(steps, return_index=True)
-        if len(uniq) != uniq[-1] - uniq[0] + 1:
-            gap = int(uniq[np.nonzero(np.diff(uniq) != 1)[0][0]]) + 1
-            raise DataError(f"{source}: steps are not contiguous (step {gap} is missing)")
-        if (ids < 0).any():
-            raise DataError(
-                f"{source}: negative sample_id at step {int(steps[np.argmax(ids < 0)])}"
-            )
-        bounds = np.append(starts, len(steps)).astype(np.int64)
-        return cls(
-            sample_ids=ids, bounds=bounds, epochs=epochs, source=source, first_step=int(uniq[0])
-        )
-
-
-def read_order(path: str | Path, columns: list[str] | None = None) -> pa.Table:
-    """An order table from a Parquet file or a folder of Parquet parts (the recorder's output)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    if path.is_dir():
-        parts = sorted(path.glob("*.parquet"))
-        if not parts:
-            raise DataError(f"{path}: folder holds no .parquet parts")
-        return pa.concat_tables(
-            [pq.read_table(p, columns=columns) for p in parts], promote_options="default"
-        )
-    if not path.exists():
-        raise DataError(f"order file {path} not found")
-    try:
-        return pq.read_table(path, columns=columns)
-    except (OSError, pa.ArrowInvalid) as err:
-        raise DataError(f"{path}: not a readable Parquet order file ({err})") from err
+        out = np.full(count, self.full, np.int64)
+        warm = self._warmup[0][first : first + count]
+        out[: len(warm)] = warm
+        return out
 
 
 # --------------------------------------------------------------------------- the order
@@ -253,8 +237,9 @@ def read_order(path: str | Path, columns: list[str] | None = None) -> pa.Table:
 class DataOrder:
     """Global batches per (epoch, step in epoch) for a dataset of `num_samples` samples.
 
-    `epoch_offset` shifts the permutation (and mask) epoch: Composer epoch `e` uses permutation
-    epoch `e + epoch_offset`, while the batch-size schedule follows Composer's global step.
+    "Step k of epoch e" is always the order's (planned) step; `kept(e)` lists the ones a run
+    trains on (all of them unless `skip` removes some), so the run's j-th step of the epoch is
+    step `kept(e)[j]`. `skip` holds ranges of global order steps (`global_step`).
     """
 
     def __init__(
@@ -264,21 +249,22 @@ class DataOrder:
         seed: int,
         *,
         replay: Replay | None = None,
-        epoch_offset: int = 0,
+        skip: Iterable = (),
     ) -> None:
         self.num_samples = num_samples
         self.schedule = schedule
         self.seed = seed
         self.replay = replay
-        self.epoch_offset = epoch_offset
+        self.skip_ranges = normalize_skips(skip)
         self._epoch_steps: list[int] = []  # steps of epochs 0, 1, ... (computed lazily)
         self._perm: tuple[int, np.ndarray] | None = None  # (epoch, permutation): one at a time
+        self._kept: tuple[int, np.ndarray] | None = None  # (epoch, kept steps): one at a time
         if replay is None and schedule.size(0) > num_samples:
             raise DataError(
                 f"the dataset has {num_samples} samples, fewer than one global batch "
                 f"({schedule.size(0)}); use more data or a smaller global batch"
             )
-        if replay is not None:
+        if replay is not None and replay.sample_ids is not None and not replay.has_tokens:
             top = int(replay.sample_ids.max())
             if top >= num_samples:
                 raise DataError(
@@ -286,10 +272,10 @@ class DataOrder:
                     f"({num_samples} samples); the order file belongs to another dataset"
                 )
 
-    # -- epochs ------------------------------------------------------------------------------
+    # -- epochs (the order's own steps) ------------------------------------------------------
 
     def steps_in_epoch(self, epoch: int) -> int:
-        """Number of global steps of (Composer) epoch `epoch`."""
+        """Number of order steps of (Composer) epoch `epoch`, skipped ones included."""
         if self.replay is not None:
             return self.replay.num_steps
         while len(self._epoch_steps) <= epoch:
@@ -309,42 +295,40 @@ class DataOrder:
         return k + (n - used) // sched.full
 
     def epoch_start_step(self, epoch: int) -> int:
-        """Global step at which epoch `epoch` begins."""
+        """Order step (counted from 0) at which epoch `epoch` begins."""
         return sum(self.steps_in_epoch(e) for e in range(epoch))
 
     def locate(self, step: int) -> tuple[int, int]:
-        """(epoch, step in epoch) of global step `step`."""
+        """(epoch, step in epoch) of order step `step` (counted from 0)."""
         epoch = 0
         while step >= self.steps_in_epoch(epoch):
             step -= self.steps_in_epoch(epoch)
             epoch += 1
         return epoch, step
 
+    def step_sizes(self, epoch: int) -> np.ndarray:
+        """Global batch size of each order step of epoch `epoch`."""
+        if self.replay is not None:
+            return self.replay.sizes
+        return self.schedule.sizes(self.epoch_start_step(epoch), self.steps_in_epoch(epoch))
+
     # -- batches -----------------------------------------------------------------------------
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if self._perm is None or self._perm[0] != epoch:
-            self._perm = (
-                epoch,
-                permutation(self.num_samples, self.seed, epoch + self.epoch_offset),
-            )
+            self._perm = (epoch, permutation(self.num_samples, self.seed, epoch))
         return self._perm[1]
 
-    def batch_bounds(self, k: int, epoch: int) -> tuple[int, int]:
-        """[lo, hi) of step `k` of epoch `epoch` inside that epoch's permutation."""
-        t0 = self.epoch_start_step(epoch)
-        lo = self.schedule.start(t0 + k) - self.schedule.start(t0)
-        return lo, lo + self.schedule.size(t0 + k)
-
     def global_batch(self, k: int, epoch: int) -> np.ndarray:
-        """Sample ids of step `k` (0-based, inside epoch `epoch`) over all ranks, in order."""
+        """Sample ids of order step `k` (0-based, inside epoch `epoch`) over all ranks, in order."""
         n_steps = self.steps_in_epoch(epoch)
         if not 0 <= k < n_steps:
             raise IndexError(f"step {k} is outside epoch {epoch} ({n_steps} steps)")
         if self.replay is not None:
             return self.replay.batch(k)
-        lo, hi = self.batch_bounds(k, epoch)
-        return self._permutation(epoch)[lo:hi]
+        t0 = self.epoch_start_step(epoch)
+        lo = self.schedule.start(t0 + k) - self.schedule.start(t0)
+        return self._permutation(epoch)[lo : lo + self.schedule.size(t0 + k)]
 
     def mask_epochs(self, k: int, epoch: int) -> np.ndarray:
         """The epoch each sample of step `k` uses for its MLM mask (aligned with global_batch)."""
@@ -355,58 +339,93 @@ class DataOrder:
             # A replay that is run past its end starts again; later passes draw fresh masks.
             span = int(self.replay.epochs.max()) + 1 if self.replay.epochs is not None else 1
             return base + epoch * span
-        return np.full(n, epoch + self.epoch_offset, np.int64)
+        return np.full(n, epoch, np.int64)
 
     def global_step(self, k: int, epoch: int) -> int:
-        """Global step number of step `k` of epoch `epoch` (the order file's `step`)."""
+        """Global order step of step `k` of epoch `epoch`: the order file's `step`, the
+        `step` of `ettin order export`, and what skip ranges name."""
         if self.replay is not None:
             return self.replay.first_step + epoch * self.replay.num_steps + k
         return self.epoch_start_step(epoch) + k
 
+    # -- what a run trains on ----------------------------------------------------------------
+
+    def kept(self, epoch: int) -> np.ndarray:
+        """The steps of epoch `epoch` (0-based in the epoch) that no skip range removes."""
+        if self._kept is None or self._kept[0] != epoch:
+            n = self.steps_in_epoch(epoch)
+            g0 = self.global_step(0, epoch)
+            steps = g0 + np.arange(n, dtype=np.int64)
+            keep = np.ones(n, bool)
+            for a, b in self.skip_ranges:
+                keep &= (steps < a) | (steps >= b)
+            if n and not keep.any():
+                raise DataError(
+                    f"data.skip_steps removes every step of epoch {epoch} (steps {g0}-{g0 + n - 1}); "
+                    f"skip fewer steps"
+                )
+            self._kept = (epoch, np.nonzero(keep)[0].astype(np.int64))
+        return self._kept[1]
+
+    def _offsets(self, epoch: int) -> np.ndarray:
+        """Samples consumed before each kept step of the epoch, and after the last."""
+        sizes = self.step_sizes(epoch)[self.kept(epoch)]
+        return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
     def step_at_sample(self, epoch: int, samples: int) -> int:
-        """The step of epoch `epoch` that starts after `samples` samples of that epoch.
+        """How many kept steps of epoch `epoch` make up its first `samples` samples.
 
         Composer checkpoints `timestamp.sample_in_epoch`; this turns it back into a step.
         """
-        n_steps = self.steps_in_epoch(epoch)
-        if self.replay is not None:
-            offsets = self.replay.bounds - self.replay.bounds[0]
-            k = int(np.searchsorted(offsets, samples))
-            ok = k < len(offsets) and offsets[k] == samples
-        else:
-            t0 = self.epoch_start_step(epoch)
-            k, ok = 0, False
-            lo, hi = 0, n_steps
-            while lo <= hi:  # bisect over the monotone start offsets
-                mid = (lo + hi) // 2
-                off = self.schedule.start(t0 + mid) - self.schedule.start(t0)
-                if off == samples:
-                    k, ok = mid, True
-                    break
-                if off < samples:
-                    lo = mid + 1
-                else:
-                    hi = mid - 1
-        if not ok or k > n_steps:
+        offsets = self._offsets(epoch)
+        j = int(np.searchsorted(offsets, samples))
+        if j >= len(offsets) or offsets[j] != samples:
             raise DataError(
                 f"cannot resume: {samples} samples into epoch {epoch} is not a step boundary of "
-                f"this data order (changed global batch size, warm-up or order file since the "
-                f"checkpoint?). Restore those settings, or start the phase again."
+                f"this data order (changed global batch size, warm-up, order file or skipped "
+                f"steps before the checkpoint?). Restore those settings, or start the phase again."
             )
-        return k
+        return j
+
+    def next_step(self, epoch: int, j: int) -> int:
+        """The global order step a run trains after `j` kept steps of the epoch (or the end)."""
+        kept = self.kept(epoch)
+        k = int(kept[j]) if j < len(kept) else self.steps_in_epoch(epoch)
+        return self.global_step(k, epoch)
+
+    def resume_index(self, epoch: int, samples: int, next_step: int) -> int:
+        """Like `step_at_sample`, for a checkpoint that was about to train order step
+        `next_step`: resume at the first kept step >= it, so skip ranges added since (at or
+        after it, as a rewind writes them) are honoured; `samples` must still match."""
+        kept_steps = self.global_step(0, epoch) + self.kept(epoch)
+        j = int(np.searchsorted(kept_steps, next_step))
+        if self._offsets(epoch)[j] != samples:
+            raise DataError(
+                f"cannot resume: {samples} samples into epoch {epoch} is not a step boundary of "
+                f"this data order before order step {next_step} (changed global batch size, "
+                f"warm-up, order file, or data.skip_steps before the checkpoint's step "
+                f"{next_step}?). Skip ranges may only start at or after {next_step}; restore the "
+                f"settings, or start the phase again."
+            )
+        return j
 
     def iter_steps(
         self, first_step: int = 0, num_steps: int | None = None
     ) -> Iterator[tuple[int, int, int]]:
-        """(global step, epoch, step in epoch) from `first_step`, for `num_steps` steps."""
-        epoch, k = self.locate(first_step)
-        step = first_step
-        while num_steps is None or step < first_step + num_steps:
-            if k >= self.steps_in_epoch(epoch):
-                epoch, k = epoch + 1, 0
+        """(global order step, epoch, step in epoch) of the run's steps from `first_step`."""
+        epoch, j = 0, first_step
+        while j >= len(self.kept(epoch)):
+            j -= len(self.kept(epoch))
+            epoch += 1
+        done = 0
+        while num_steps is None or done < num_steps:
+            kept = self.kept(epoch)
+            if j >= len(kept):
+                epoch, j = epoch + 1, 0
                 continue
-            yield step, epoch, k
-            step, k = step + 1, k + 1
+            k = int(kept[j])
+            yield self.global_step(k, epoch), epoch, k
+            j, done = j + 1, done + 1
 
 
 def build_order(
@@ -417,8 +436,8 @@ def build_order(
     max_seq_len: int,
     warmup_tokens: str | int = 0,
     warmup_min: int = 0,
-    order_file: str | None = None,
-    epoch_offset: int = 0,
+    order_file: str | Replay | None = None,
+    skip_steps: Iterable = (),
 ) -> DataOrder:
     """The DataOrder of a phase from its config values (see `ettin.data.loader`)."""
     schedule = BatchSchedule.from_config(
@@ -427,104 +446,9 @@ def build_order(
         warmup_min=warmup_min,
         max_seq_len=max_seq_len,
     )
-    replay = None
-    if order_file:
-        replay = Replay.from_table(read_order(order_file), source=str(order_file))
-    return DataOrder(num_samples, schedule, seed, replay=replay, epoch_offset=epoch_offset)
+    replay = order_file
+    if isinstance(order_file, str | Path):
+        from ettin.data.replay import Replay
 
-
-# --------------------------------------------------------------------------- export / audit
-
-
-def export_order(
-    order: DataOrder,
-    steps: int,
-    *,
-    first_step: int = 0,
-    dataset: TokenDataset | None = None,
-) -> pa.Table:
-    """One row per sample of global steps first_step .. first_step+steps-1: step, sample_id, epoch.
-
-    With `dataset`, an `input_ids` list column holds each sample after the sample rules (BOS,
-    truncation, EOS for encoders), i.e. exactly what the model is fed before masking.
-    """
-    import pyarrow as pa
-
-    step_col, id_col, epoch_col = [], [], []
-    for step, epoch, k in order.iter_steps(first_step, steps):
-        ids = order.global_batch(k, epoch)
-        step_col.append(np.full(len(ids), step, np.int64))
-        id_col.append(ids)
-        epoch_col.append(order.mask_epochs(k, epoch))
-    cat = (lambda xs: np.concatenate(xs)) if step_col else (lambda xs: np.zeros(0, np.int64))
-    cols = {"step": cat(step_col), "sample_id": cat(id_col), "epoch": cat(epoch_col)}
-    table = pa.table(cols)
-    if dataset is not None:
-        tokens = [dataset[int(i)][1].astype(np.uint32) for i in cols["sample_id"]]
-        table = table.append_column("input_ids", pa.array(tokens, type=pa.list_(pa.uint32())))
-    return table
-
-
-def write_order(table: pa.Table, path: str | Path) -> Path:
-    """Write an order table as one Parquet file (atomically)."""
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
-    return path
-
-
-@dataclass
-class AuditReport:
-    """The result of comparing a recorded order with a planned one."""
-
-    steps_compared: int
-    first_differing_step: int | None
-    detail: str
-    same_order_within_steps: bool
-
-    @property
-    def ok(self) -> bool:
-        return self.first_differing_step is None
-
-    def __str__(self) -> str:
-        if self.ok:
-            how = (
-                "same order"
-                if self.same_order_within_steps
-                else "same samples (order inside steps differs, e.g. packing)"
-            )
-            return f"OK: {self.steps_compared} steps match ({how})"
-        return f"DIFFERENT at step {self.first_differing_step}: {self.detail}"
-
-
-def _group(table: pa.Table) -> dict[int, np.ndarray]:
-    rep = Replay.from_table(table)
-    return {rep.first_step + k: rep.batch(k) for k in range(rep.num_steps)}
-
-
-def audit(recorded: pa.Table, planned: pa.Table) -> AuditReport:
-    """Compare the samples of each step recorded during training with the planned order.
-
-    Steps are compared on the steps both tables hold; a step differs when its set of sample
-    ids differs (packing reorders samples inside a step, so order alone is reported apart).
-    Recorded steps absent from the plan count as a difference.
-    """
-    rec, plan = _group(recorded), _group(planned)
-    same_order = True
-    compared = 0
-    for step in sorted(rec):
-        if step not in plan:
-            return AuditReport(compared, step, "step is recorded but not in the plan", same_order)
-        a, b = rec[step], plan[step]
-        compared += 1
-        if len(a) != len(b) or not np.array_equal(np.sort(a), np.sort(b)):
-            missing = np.setdiff1d(b, a)[:5].tolist()
-            extra = np.setdiff1d(a, b)[:5].tolist()
-            detail = f"{len(a)} recorded vs {len(b)} planned samples; planned but not seen {missing}, seen but not planned {extra}"
-            return AuditReport(compared, step, detail, same_order)
-        same_order = same_order and bool(np.array_equal(a, b))
-    return AuditReport(compared, None, "", same_order)
+        replay = Replay.open(order_file)
+    return DataOrder(num_samples, schedule, seed, replay=replay or None, skip=skip_steps)

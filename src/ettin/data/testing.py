@@ -79,12 +79,15 @@ def write_split(
     size_limit: int | None = 2048,
     columns: dict[str, str] | None = None,
 ) -> Path:
-    """Write samples as MDS shards (several shards with the default small size limit)."""
+    """Write samples as MDS shards (several shards with the default small size limit), with the
+    content hashes `ettin prep` records."""
     from streaming import MDSWriter
 
     split_dir = Path(split_dir)
     cols = columns or COLUMNS
-    with MDSWriter(out=str(split_dir), columns=cols, size_limit=size_limit) as writer:
+    with MDSWriter(
+        out=str(split_dir), columns=cols, size_limit=size_limit, hashes=["sha1", "xxh64"]
+    ) as writer:
         for i, ids in enumerate(samples):
             value = (
                 np.asarray(ids, np.dtype(cols["input_ids"].split(":")[1]))

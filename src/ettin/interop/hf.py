@@ -7,6 +7,7 @@ Facts behind the choices (transformers 4.57.6) are in docs/architecture.md, "Hug
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import warnings
@@ -34,11 +35,14 @@ from ettin.model import EttinModel, ModelArgs
 __all__ = [
     "check_tokenizer",
     "export_hf",
+    "export_tokenizer",
     "from_hf_state_dict",
     "hf_config",
     "import_hf",
     "load_hf_state_dict",
+    "read_hf_config",
     "to_hf_state_dict",
+    "training_tokenizer",
 ]
 
 # HF config fields that our architecture fixes: no norm/attention/MLP/head biases, a decoder bias,
@@ -54,6 +58,78 @@ FIXED_HF_FIELDS: dict[str, Any] = {
     "tie_word_embeddings": True,
 }
 TokenizerLike = PreTrainedTokenizerBase | str | os.PathLike | None
+# config.json keys that are bookkeeping, not model settings: never carried from an imported config.
+_NOT_CARRIED = ("transformers_version", "dtype", "torch_dtype", "_name_or_path", "model_type")
+
+
+def _roles(tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
+    """(BOS, EOS) token strings: the tokenizer's own bos/eos, else its CLS/SEP (the Ettin way)."""
+    bos = tokenizer.bos_token or tokenizer.cls_token
+    eos = tokenizer.eos_token or tokenizer.sep_token
+    if bos is None or eos is None:
+        raise ValueError(
+            f"tokenizer {type(tokenizer).__name__} has no {'BOS/CLS' if bos is None else 'EOS/SEP'} "
+            "token, so the export cannot say where a sequence starts and ends; set "
+            "cls_token/sep_token (or bos_token/eos_token) on it, or use the Ettin tokenizer"
+        )
+    return bos, eos
+
+
+def _set_template(tokenizer: PreTrainedTokenizerBase, single: str, pair: str, tokens) -> None:
+    from tokenizers.processors import TemplateProcessing
+
+    if not tokenizer.is_fast:
+        raise ValueError(
+            f"tokenizer {type(tokenizer).__name__} is not a fast (Rust) tokenizer, so its special-"
+            "token template cannot be set; load it with use_fast=True or use the Ettin tokenizer"
+        )
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single=single,
+        pair=pair,
+        special_tokens=[(t, tokenizer.convert_tokens_to_ids(t)) for t in dict.fromkeys(tokens)],
+    )
+
+
+def export_tokenizer(
+    tokenizer: PreTrainedTokenizerBase, *, causal: bool, max_seq_len: int | None = None
+) -> PreTrainedTokenizerBase:
+    """A copy of `tokenizer` set up for a model with this objective, as `export_hf` saves it.
+
+    Both objectives name BOS (`[CLS]`) and EOS (`[SEP]`), so fine-tuning tools (HF Trainer, TRL)
+    keep the config's token ids. An encoder gets the training template `[CLS] $A [SEP]`. A
+    decoder's template is `[CLS] $A`: a prompt starts with BOS and does not end with EOS (else
+    generation, TRL and lm-eval see every text as already finished). `max_seq_len` becomes
+    `model_max_length`.
+    """
+    tok = copy.deepcopy(tokenizer)
+    bos, eos = _roles(tok)
+    tok.bos_token, tok.eos_token = bos, eos
+    if causal:
+        _set_template(tok, f"{bos} $A", f"{bos} $A $B:1", [bos])
+    else:
+        tok = training_tokenizer(tok)
+    if max_seq_len is not None:
+        tok.model_max_length = int(max_seq_len)
+    return tok
+
+
+def training_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """`tokenizer` with the training template `[CLS] $A [SEP]` (what prep and training expect).
+
+    Undoes a decoder export's `[CLS] $A` template (see `export_tokenizer`); a tokenizer that
+    already wraps text as BOS ... EOS is returned unchanged.
+    """
+    try:
+        bos, eos = _roles(tokenizer)
+    except ValueError:  # not an Ettin-style tokenizer: nothing to restore
+        return tokenizer
+    bos_id, eos_id = tokenizer.convert_tokens_to_ids(bos), tokenizer.convert_tokens_to_ids(eos)
+    ids = tokenizer("a")["input_ids"]
+    if len(ids) >= 3 and ids[0] == bos_id and ids[-1] == eos_id or not tokenizer.is_fast:
+        return tokenizer
+    tok = copy.deepcopy(tokenizer)
+    _set_template(tok, f"{bos} $A {eos}", f"{bos} $A {eos} $B {eos}", [bos, eos])
+    return tok
 
 
 def check_tokenizer(tokenizer: PreTrainedTokenizerBase, args: ModelArgs) -> None:
@@ -156,23 +232,42 @@ def _load_tokenizer(tokenizer: TokenizerLike) -> PreTrainedTokenizerBase | None:
 
 
 def hf_config(
-    args: ModelArgs, tokenizer: PreTrainedTokenizerBase | None = None
+    args: ModelArgs,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    *,
+    max_seq_len: int | None = None,
+    base: dict[str, Any] | None = None,
 ) -> PretrainedConfig:
-    """The HF config for `args`; token ids from the tokenizer, else only the model's pad id."""
+    """The HF config for `args`; token ids from the tokenizer, else only the model's pad id.
+
+    `max_seq_len` (the trained sequence length) becomes `max_position_embeddings`. `base` is an
+    imported model's config.json (`read_hf_config`): every field ettin does not model (e.g.
+    `classifier_pooling`, dropouts) is kept from it when it is of the same model type; ettin's
+    own fields and ids always win, except ids the tokenizer cannot give.
+    """
     if tokenizer is not None:  # [CLS] doubles as bos and [SEP] as eos, as in the Ettin models
         t = tokenizer
-        cls_id = t.cls_token_id if t.cls_token_id is not None else t.bos_token_id
-        sep_id = t.sep_token_id if t.sep_token_id is not None else t.eos_token_id
+        bos_id = t.bos_token_id if t.bos_token_id is not None else t.cls_token_id
+        eos_id = t.eos_token_id if t.eos_token_id is not None else t.sep_token_id
+        cls_id = t.cls_token_id if t.cls_token_id is not None else bos_id
+        sep_id = t.sep_token_id if t.sep_token_id is not None else eos_id
         pad_id = t.pad_token_id
     else:  # unknown ids are left unset rather than guessed
-        pad_id, cls_id, sep_id = args.pad_token_id, None, None
+        pad_id, bos_id, cls_id, eos_id, sep_id = args.pad_token_id, None, None, None, None
     ids = dict(
         pad_token_id=pad_id,
-        bos_token_id=cls_id,
+        bos_token_id=bos_id,
         cls_token_id=cls_id,
-        eos_token_id=sep_id,
+        eos_token_id=eos_id,
         sep_token_id=sep_id,
     )
+    model_type = "modernbert-decoder" if args.causal else "modernbert"
+    carried: dict[str, Any] = {}
+    if base and base.get("model_type") == model_type:
+        carried = {k: v for k, v in base.items() if k not in _NOT_CARRIED}
+        ids = {k: v for k, v in ids.items() if v is not None or k not in carried}
+    if max_seq_len is not None:
+        carried["max_position_embeddings"] = int(max_seq_len)
     common = dict(
         vocab_size=args.vocab_size,
         hidden_size=args.hidden_size,
@@ -190,14 +285,13 @@ def hf_config(
         **ids,
     )
     if args.causal:
-        return ModernBertDecoderConfig(
-            **common,
-            layer_types=list(args.layer_types),
-            architectures=["ModernBertDecoderForCausalLM"],
+        own = dict(
+            layer_types=list(args.layer_types), architectures=["ModernBertDecoderForCausalLM"]
         )
-    return ModernBertConfig(
-        **common, reference_compile=False, architectures=["ModernBertForMaskedLM"]
-    )
+        carried.pop("sliding_window", None)  # derived from local_attention
+        return ModernBertDecoderConfig(**{**carried, **common, **own})
+    own = dict(reference_compile=False, architectures=["ModernBertForMaskedLM"])
+    return ModernBertConfig(**{**carried, **common, **own})
 
 
 def export_hf(
@@ -207,17 +301,29 @@ def export_hf(
     *,
     dtype: torch.dtype | None = None,
     allow_rope_mismatch: bool = False,
+    max_seq_len: int | None = None,
+    base_config: dict[str, Any] | None = None,
+    objectives: list[str] | None = None,
 ) -> Path:
     """Write `model` as an HF model directory (safetensors + config.json [+ tokenizer]).
 
     Encoder -> ModernBertForMaskedLM, decoder -> ModernBertDecoderForCausalLM. The weights go
     through `load_state_dict(strict=True)` on the HF class, so nothing can be silently dropped.
-    `dtype` defaults to the model's parameter dtype.
+    `dtype` defaults to the model's parameter dtype. The tokenizer is saved in the form the
+    objective needs (`export_tokenizer`). `max_seq_len`, the length the model was trained at,
+    becomes `max_position_embeddings` and the tokenizer's `model_max_length` (default: the
+    imported config's value, else HF's 8192). `base_config` is the config.json of an imported
+    model (`read_hf_config`), whose fields ettin does not model are kept (see `hf_config`).
+    `objectives` (the run's lineage: its objective and every ancestor's, oldest first) is written
+    as `ettin_objectives`, from which `ettin eval` tells cross-objective models apart.
     """
     args = model.args
     tokenizer = _load_tokenizer(tokenizer)
+    if max_seq_len is None and base_config:
+        max_seq_len = base_config.get("max_position_embeddings")
     if tokenizer is not None:
         check_tokenizer(tokenizer, args)
+        tokenizer = export_tokenizer(tokenizer, causal=args.causal, max_seq_len=max_seq_len)
     if args.causal and args.local_rope_theta != args.global_rope_theta:
         message = (
             f"decoder has local_rope_theta={args.local_rope_theta} but global_rope_theta="
@@ -227,7 +333,9 @@ def export_hf(
         if not allow_rope_mismatch:
             raise ValueError(message + " (pass allow_rope_mismatch=True to export anyway)")
         warnings.warn(message, stacklevel=2)
-    config = hf_config(args, tokenizer)
+    config = hf_config(args, tokenizer, max_seq_len=max_seq_len, base=base_config)
+    if objectives:
+        config.ettin_objectives = list(objectives)
     hf_cls = ModernBertDecoderForCausalLM if args.causal else ModernBertForMaskedLM
     hf_model: PreTrainedModel = hf_cls(config)
     hf_model.load_state_dict(to_hf_state_dict(model), strict=True)
@@ -305,22 +413,50 @@ def _args_from_hf(config: PretrainedConfig, raw: dict[str, Any], source: str) ->
     )
 
 
+def read_hf_config(
+    name_or_dir: str | os.PathLike,
+    *,
+    local_files_only: bool | None = None,
+    revision: str | None = None,
+) -> dict[str, Any]:
+    """An HF model's config.json as written (what `export_hf(base_config=...)` carries over)."""
+    hub = _hub_options(local_files_only, revision)
+    raw, _ = PretrainedConfig.get_config_dict(str(name_or_dir), **hub)
+    return dict(raw)
+
+
+def _hub_options(local_files_only: bool | None, revision: str | None) -> dict[str, Any]:
+    """The from_pretrained keywords for a Hub source (none for the defaults)."""
+    hub: dict[str, Any] = {} if local_files_only is None else {"local_files_only": local_files_only}
+    if revision is not None:
+        hub["revision"] = revision  # a branch or tag, e.g. step599525, ext1000, decay100
+    return hub
+
+
 def import_hf(
-    name_or_dir: str | os.PathLike, *, local_files_only: bool | None = None
+    name_or_dir: str | os.PathLike,
+    *,
+    local_files_only: bool | None = None,
+    revision: str | None = None,
 ) -> tuple[EttinModel, PreTrainedTokenizerBase | None]:
     """Load an HF ModernBERT encoder or decoder (directory or Hub name) as an EttinModel.
 
-    Returns the model and the tokenizer stored beside it (None when there is none).
+    Returns the model and the tokenizer stored beside it (None when there is none), with the
+    training template `[CLS] $A [SEP]` restored (`training_tokenizer`). The config fields ettin
+    does not model are not part of the model: keep them with `read_hf_config` (`ettin import`
+    stores them in the checkpoint and `ettin export` writes them back). `revision` picks a
+    branch or tag of a Hub repo (the Ettin repos hold intermediate checkpoints as revisions).
     """
     source = str(name_or_dir)
-    hub = {} if local_files_only is None else {"local_files_only": local_files_only}
+    hub = _hub_options(local_files_only, revision)
     config = AutoConfig.from_pretrained(source, **hub)
-    raw, _ = PretrainedConfig.get_config_dict(source, **hub)
+    raw = read_hf_config(source, local_files_only=local_files_only, revision=revision)
     args = _args_from_hf(config, raw, source)
     auto = AutoModelForCausalLM if args.causal else AutoModelForMaskedLM
     hf_model = auto.from_pretrained(source, config=config, dtype=torch.float32, **hub)
     model = from_hf_state_dict(hf_model.state_dict(), args)
-    return model, _tokenizer_beside(source, hub)
+    tokenizer = _tokenizer_beside(source, hub)
+    return model, (training_tokenizer(tokenizer) if tokenizer is not None else None)
 
 
 def _tokenizer_beside(source: str, hub: dict) -> PreTrainedTokenizerBase | None:

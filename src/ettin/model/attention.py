@@ -1,19 +1,23 @@
-"""The unpadded (varlen) batch layout and the two attention backends that consume it.
+"""The unpadded (varlen) batch layout and the three attention backends that consume it.
 
-`flash` (flash_attn varlen, GPU) and `torch` (exact PyTorch SDPA, any device) compute the same
-thing: attention that is block-diagonal per sequence, optionally causal, optionally limited to a
+`flash` (flash_attn varlen, GPU), `flex` (PyTorch FlexAttention with a block-sparse mask, GPU
+compiled, CPU eager) and `torch` (exact PyTorch SDPA, any device) compute the same thing:
+attention that is block-diagonal per sequence, optionally causal, optionally limited to a
 (left, right) window of keys around each query (inclusive, flash-attn convention, -1 = unlimited).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+from torch.nn.attention.flex_attention import flex_attention as _flex_attention
 
 try:
     from flash_attn import flash_attn_varlen_func
@@ -21,11 +25,15 @@ except ImportError:  # CPU installs, or GPUs without the `gpu` extra
     flash_attn_varlen_func = None
 
 __all__ = [
+    "FLEX_BLOCK_SIZE",
     "GLOBAL_WINDOW",
     "AttentionFn",
+    "AttnImpl",
     "Varlen",
     "attention_backend",
     "flash_attention",
+    "flex_attention",
+    "prepare_attention",
     "torch_attention",
     "unpad",
 ]
@@ -33,6 +41,8 @@ __all__ = [
 Window = tuple[int, int]
 GLOBAL_WINDOW: Window = (-1, -1)
 AttentionFn = Callable[[Tensor, Tensor, Tensor, "Varlen", Window, bool], Tensor]
+AttnImpl = Literal["auto", "flash", "flex", "torch"]
+FLEX_BLOCK_SIZE = 128  # FlexAttention's sparse block; the flat stream is padded to a multiple
 
 
 @dataclass
@@ -46,7 +56,8 @@ class Varlen:
     cu_seqlens: Tensor  # (N+1,) int32 sequence boundaries in the flat stream
     max_seqlen: int  # upper bound on sequence lengths: the padded width S (avoids a host sync)
     shape: tuple[int, int]  # (B, S)
-    _masks: dict = field(default_factory=dict, repr=False)  # torch backend: masks, bounds (cached)
+    scored: Tensor | None = None  # (M,) flat positions whose label is not -100 (MLM only)
+    _masks: dict = field(default_factory=dict, repr=False)  # masks, bounds (cached per forward)
 
     @property
     def num_tokens(self) -> int:
@@ -71,7 +82,13 @@ class Varlen:
         return out.view(B, S, *x.shape[1:])
 
     def mask(self, window: Window, causal: bool) -> Tensor:
-        """Boolean (B, 1, S, S) mask of allowed keys in the padded rows (torch backend, not CPU)."""
+        """Boolean (B, 1, S, S) mask of allowed keys in the padded rows (torch backend).
+
+        Cached, so the layers of one forward share it; inside a compiled block it is built in
+        the graph instead (no side effect on the cache, so every block sees the same guards).
+        """
+        if torch.compiler.is_compiling():
+            return self._build_mask(window, causal)
         key = (window, causal)
         if key not in self._masks:
             self._masks[key] = self._build_mask(window, causal)
@@ -87,6 +104,27 @@ class Varlen:
         seq = seq.index_copy(0, self.indices, self.seq_index).view(B, S)
         same_seq = seq[:, :, None] == seq[:, None, :]  # (B, S, S)
         return (same_seq & allowed)[:, None]  # (B, 1, S, S)
+
+    def block_mask(self, window: Window, causal: bool) -> BlockMask:
+        """FlexAttention mask over the flat stream padded to a multiple of FLEX_BLOCK_SIZE (>= 2).
+
+        Key j is visible from query i iff both are in the same sequence, j is inside the window
+        around i and (causal) j <= i. The padding tail is one extra "sequence" (id -1), so no
+        query row is empty. Built once per forward per (window, causal) and shared by the layers;
+        blocks that are entirely masked (other sequences, outside a local window) are skipped.
+        """
+        key = ("flex", window, causal)
+        if key not in self._masks:
+            T = self.num_tokens
+            # At least two blocks: a compiled graph would specialise on a block count of 1.
+            T_pad = max(2, -(-T // FLEX_BLOCK_SIZE)) * FLEX_BLOCK_SIZE
+            seq = F.pad(self.seq_index, (0, T_pad - T), value=-1)  # (T_pad,)
+            mask_mod = _flex_mask_mod(seq, window, causal)
+            make = _flex_fn("create_block_mask", seq.device)
+            self._masks[key] = make(
+                mask_mod, None, None, T_pad, T_pad, device=seq.device, BLOCK_SIZE=FLEX_BLOCK_SIZE
+            )
+        return self._masks[key]
 
     def bounds(self) -> list[tuple[int, int]]:
         """(start, end) of each sequence in the flat stream, as host ints (one sync, cached)."""
@@ -110,6 +148,48 @@ def window_mask(S: int, window: Window, causal: bool, device: torch.device) -> T
     return allowed
 
 
+def _flex_mask_mod(seq: Tensor, window: Window, causal: bool):
+    """FlexAttention mask_mod: same sequence (ids `seq`) AND window AND causal, on flat indices.
+
+    Inside one sequence, flat distance is position distance, so the window applies directly.
+    """
+    left, right = window
+
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        allowed = seq[q_idx] == seq[kv_idx]
+        if left >= 0:
+            allowed = allowed & (q_idx - kv_idx <= left)
+        if right >= 0:
+            allowed = allowed & (kv_idx - q_idx <= right)
+        if causal:
+            allowed = allowed & (kv_idx <= q_idx)
+        return allowed
+
+    return mask_mod
+
+
+@functools.cache
+def _compiled(name: str) -> Callable:
+    """torch.compile'd flex_attention / create_block_mask, built once on first use."""
+    return torch.compile(_eager_flex_fn(name))
+
+
+def _eager_flex_fn(name: str) -> Callable:
+    return _flex_attention if name == "flex_attention" else create_block_mask
+
+
+def _flex_fn(name: Literal["flex_attention", "create_block_mask"], device: torch.device):
+    """The flex function to call: compiled on CUDA, eager on the CPU and inside a compile.
+
+    Eager flex_attention is an unfused reference; the fused kernel exists only compiled. On the
+    CPU, torch 2.7 fails to compile it (C++ build error), so the CPU runs it eagerly. Inside a
+    compiled block the enclosing compile lowers flex itself.
+    """
+    if device.type == "cuda" and not torch.compiler.is_compiling():
+        return _compiled(name)
+    return _eager_flex_fn(name)
+
+
 def sdpa_mask(
     S: int, window: Window, causal: bool, device: torch.device
 ) -> tuple[Tensor | None, bool]:
@@ -126,29 +206,48 @@ def sdpa_mask(
     return window_mask(S, window, causal, device), False
 
 
-def unpad(input_ids: Tensor, attention_mask: Tensor) -> Varlen:
+def _positions(flags: Tensor, count: int) -> Tensor:
+    """Indices of the `count` True entries of a 1-D bool tensor, ascending (= nonzero, no sync).
+
+    The r-th True entry is the first index whose running count reaches r + 1.
+    """
+    running = flags.cumsum(0)  # (n,) non-decreasing
+    wanted = torch.arange(1, count + 1, device=flags.device, dtype=running.dtype)
+    return torch.searchsorted(running, wanted)
+
+
+def unpad(input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None = None) -> Varlen:
     """Remove padding from a (B, S) batch whose attention_mask holds segment ids (0 = padding).
 
     Every maximal run of equal non-zero ids in a row is one sequence; positions restart at 0 for
-    each. Vectorised: two `nonzero` calls are the only host syncs (output sizes depend on data).
+    each. With `labels` (MLM), also the flat positions of the scored tokens (label != -100).
+    Vectorised, and one host sync in all: the counts T, N (and M) are read together, since
+    the output sizes depend on the data; the positions then come from a sync-free search.
     """
     B, S = attention_mask.shape
-    real = attention_mask != 0
+    real = (attention_mask != 0).flatten()  # (B*S,)
     previous = F.pad(attention_mask[:, :-1], (1, 0), value=0)  # (B, S) id of the token to the left
-    starts = real & (attention_mask != previous)  # (B, S) first token of each sequence
-    indices = real.flatten().nonzero().squeeze(1)  # (T,)
-    is_start = starts.flatten()[indices]  # (T,)
-    start_of = is_start.nonzero().squeeze(1)  # (N,) flat offset of each sequence start
+    starts = real & (attention_mask != previous).flatten()  # (B*S,) first token of each sequence
+    counts = [real.sum(), starts.sum()]
+    if labels is not None:
+        labelled = real & (labels.flatten() != -100)  # (B*S,)
+        counts.append(labelled.sum())
+    counts = torch.stack(counts).tolist()  # the host sync: [T, N] or [T, N, M]
+    T, N = counts[0], counts[1]
+    indices = _positions(real, T)  # (T,)
+    is_start = starts[indices]  # (T,)
+    start_of = _positions(is_start, N)  # (N,) flat offset of each sequence start
     seq_index = is_start.cumsum(0) - 1  # (T,)
-    T = indices.shape[0]
+    cu_seqlens = torch.cat((start_of, start_of.new_full((1,), T)))  # (N+1,)
     return Varlen(
         input_ids=input_ids.flatten()[indices],
         indices=indices,
         seq_index=seq_index,
         position_ids=torch.arange(T, device=indices.device) - start_of[seq_index],
-        cu_seqlens=F.pad(start_of, (0, 1), value=T).to(torch.int32),
+        cu_seqlens=cu_seqlens.to(torch.int32),
         max_seqlen=S,
         shape=(B, S),
+        scored=None if labels is None else _positions(labelled[indices], counts[2]),
     )
 
 
@@ -160,16 +259,20 @@ def torch_attention(
     Dense batches (each row one whole sequence) are one (B, heads, S, head_dim) call. Otherwise,
     on the CPU, one call per sequence: attention then costs sum(s_n^2) rather than B * S^2 for
     the padded rows (the host sync for the boundaries is free there). On other devices the
-    batch is re-padded to (B, S) with a per-sequence mask, which needs no host sync.
+    batch is re-padded to (B, S) with a per-sequence mask, which needs no host sync. Inside a
+    compiled block always the re-padded form: no host ints, no branch on the batch's layout,
+    so one graph serves every batch. No deterministic switch: SDPA follows
+    `torch.use_deterministic_algorithms`.
     """
     T, heads, head_dim = q.shape
     B, S = batch.shape
-    if batch.dense:
+    compiling = torch.compiler.is_compiling()
+    if not compiling and batch.dense:
         q, k, v = (t.view(B, S, heads, head_dim).transpose(1, 2) for t in (q, k, v))
         mask, is_causal = sdpa_mask(S, window, causal, q.device)  # (S, S) | None
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
         return out.transpose(1, 2).reshape(T, heads, head_dim)  # (B, heads, S, hd) -> (T, ...)
-    if q.device.type == "cpu":
+    if not compiling and q.device.type == "cpu":
         outs = []
         for start, end in batch.bounds():
             key = (end - start, window, causal)
@@ -190,30 +293,96 @@ def torch_attention(
     return out.index_select(0, batch.indices)
 
 
-def flash_attention(
+def flex_attention(
     q: Tensor, k: Tensor, v: Tensor, batch: Varlen, window: Window, causal: bool
 ) -> Tensor:
-    """flash_attn varlen kernel (fp16/bf16 only: fp32 inputs run in bf16 and are cast back)."""
+    """FlexAttention over the flat stream as one row. q, k, v: (T, heads, head_dim) -> same.
+
+    The stream is padded to T_pad (a multiple of FLEX_BLOCK_SIZE, so few distinct shapes) and
+    masked by `batch.block_mask` (same sequence, window, causal). On CUDA the compiled kernel
+    (block-sparse: local layers skip blocks outside the window); on the CPU the eager reference.
+    Deterministic as it is: the backward is two passes (dq; dk, dv) with no atomics.
+    """
+    T, heads, head_dim = q.shape
+    block_mask = batch.block_mask(window, causal)
+    T_pad = block_mask.seq_lengths[0]
+    q, k, v = (
+        F.pad(t.transpose(0, 1), (0, 0, 0, T_pad - T))[None] for t in (q, k, v)
+    )  # (1, heads, T_pad, head_dim)
+    attend = _flex_fn("flex_attention", q.device)
+    out = attend(q, k, v, block_mask=block_mask)  # (1, heads, T_pad, head_dim)
+    return out[0, :, :T].transpose(0, 1)  # (T, heads, head_dim)
+
+
+def flash_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    batch: Varlen,
+    window: Window,
+    causal: bool,
+    deterministic: bool = False,
+) -> Tensor:
+    """flash_attn varlen kernel (fp16/bf16 only: fp32 inputs run in bf16 and are cast back).
+
+    `deterministic` selects flash-attn's deterministic backward (slower; same forward).
+    """
     dtype = q.dtype
     if dtype not in (torch.float16, torch.bfloat16):
         q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
     cu, max_len = batch.cu_seqlens, batch.max_seqlen
     out = flash_attn_varlen_func(
-        q, k, v, cu, cu, max_len, max_len, causal=causal, window_size=window
+        q,
+        k,
+        v,
+        cu,
+        cu,
+        max_len,
+        max_len,
+        causal=causal,
+        window_size=window,
+        deterministic=deterministic,
     )
     return out.to(dtype)
 
 
+# One object per setting, so a compiled block that guards on the function it is given sees the
+# same one every forward.
+_deterministic_flash: AttentionFn = functools.partial(flash_attention, deterministic=True)
+
+
 def attention_backend(
-    device: torch.device, name: Literal["auto", "flash", "torch"] = "auto"
+    device: torch.device, name: AttnImpl = "auto", deterministic: bool = False
 ) -> AttentionFn:
-    """The attention function for a device: flash on CUDA when flash_attn imports, else torch."""
+    """The attention function for a device and `attn_impl`.
+
+    "auto": flash on CUDA when flash_attn imports, else flex on CUDA, else torch (CPU).
+    "flex" and "torch" run anywhere; "flash" needs flash-attn (and CUDA). `deterministic` only
+    changes flash (its deterministic backward); flex and torch need no switch (see theirs).
+    """
     if name == "auto":
-        name = "flash" if device.type == "cuda" and flash_attn_varlen_func is not None else "torch"
+        if device.type == "cuda":
+            name = "flash" if flash_attn_varlen_func is not None else "flex"
+        else:
+            name = "torch"
     if name == "flash":
         if flash_attn_varlen_func is None:
             raise ImportError("attention backend 'flash' needs flash-attn: pip install -e '.[gpu]'")
-        return flash_attention
+        return _deterministic_flash if deterministic else flash_attention
+    if name == "flex":
+        return flex_attention
     if name == "torch":
         return torch_attention
-    raise ValueError(f"unknown attention backend {name!r}; valid: auto, flash, torch")
+    raise ValueError(f"unknown attention backend {name!r}; valid: auto, flash, flex, torch")
+
+
+def prepare_attention(attn_fn: AttentionFn, batch: Varlen, patterns: Iterable[tuple]) -> None:
+    """Build, before the layers run, the per-forward state `attn_fn` reads from `batch`.
+
+    `patterns` are the (window, causal) pairs the layers use. Only flex needs this: its block
+    masks are built here, eagerly, so that compiled blocks read them rather than rebuild them
+    (and every block sees the same cache). The torch mask is built lazily by its first layer.
+    """
+    if attn_fn is flex_attention:
+        for window, causal in patterns:
+            batch.block_mask(window, causal)

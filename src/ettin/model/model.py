@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ettin.model.attention import GLOBAL_WINDOW, AttentionFn, Varlen, attention_backend, unpad
+from ettin.model.attention import (
+    GLOBAL_WINDOW,
+    AttentionFn,
+    AttnImpl,
+    Varlen,
+    attention_backend,
+    prepare_attention,
+    unpad,
+)
 from ettin.model.sizes import ModelArgs
 
 __all__ = ["EttinModel", "EttinOutput", "next_token_positions"]
@@ -115,8 +122,11 @@ class Block(nn.Module):
         batch: Varlen,
         attn_fn: AttentionFn,
     ) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, batch, attn_fn)
-        return x + self.mlp(self.mlp_norm(x))
+        # The residual stream keeps its dtype (fp32 under bf16 autocast, where the branches
+        # return bf16); the cast is the promotion `+` would do anyway, written out: it also keeps
+        # torch 2.7's inductor from fusing `fp32 + bf16 matmul` into one mixed-dtype addmm.
+        x = x + self.attn(self.attn_norm(x), rope, batch, attn_fn).to(x.dtype)
+        return x + self.mlp(self.mlp_norm(x)).to(x.dtype)
 
 
 class Backbone(nn.Module):
@@ -133,6 +143,8 @@ class Backbone(nn.Module):
         x = self.embeddings(batch.input_ids)  # (T, H)
         thetas = {self.args.global_rope_theta, self.args.local_rope_theta}
         rope = {t: rope_cos_sin(batch.position_ids, self.args.head_dim, t) for t in thetas}
+        patterns = {(layer.attn.window, layer.attn.causal) for layer in self.layers}
+        prepare_attention(attn_fn, batch, patterns)  # masks the layers share, built once
         for layer in self.layers:
             x = layer(x, rope, batch, attn_fn)
         return self.final_norm(x)
@@ -179,16 +191,21 @@ class EttinModel(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.attn_impl: Literal["auto", "flash", "torch"] = "auto"  # runtime choice, not a weight
+        # Runtime choices, not weights (and not ModelArgs: they do not change what is computed).
+        self.attn_impl: AttnImpl = "auto"  # attention backend, see attention.attention_backend
+        self.deterministic = False  # deterministic kernels where a backend has the choice
         self.model = Backbone(args)
         self.head = Head(args)
         self.decoder = nn.Linear(args.hidden_size, args.vocab_size, bias=True)
         self.decoder.weight = self.model.embeddings.tok_embeddings.weight  # tied: one tensor
         self.init_weights()
 
-    def _encode(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Varlen]:
-        batch = unpad(input_ids, attention_mask)
-        return self.model(batch, attention_backend(input_ids.device, self.attn_impl)), batch
+    def _encode(
+        self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None = None
+    ) -> tuple[Tensor, Varlen]:
+        batch = unpad(input_ids, attention_mask, labels)
+        attn_fn = attention_backend(input_ids.device, self.attn_impl, self.deterministic)
+        return self.model(batch, attn_fn), batch
 
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None = None
@@ -198,8 +215,8 @@ class EttinModel(nn.Module):
         MLM: positions with labels != -100. CLM: every token except each sequence's last, predicting
         the next token of the same sequence (targets come from input_ids; `labels` is ignored).
         """
-        h, batch = self._encode(input_ids, attention_mask)  # (T, H)
         if self.args.causal:
+            h, batch = self._encode(input_ids, attention_mask)  # (T, H)
             positions = next_token_positions(batch.cu_seqlens, batch.num_tokens)  # (T - N,)
             targets = batch.input_ids[positions + 1]
         else:
@@ -207,9 +224,9 @@ class EttinModel(nn.Module):
                 raise ValueError(
                     "the MLM forward needs labels (-100 = unscored); use padded_logits for inference"
                 )
-            flat_labels = labels.flatten()[batch.indices]  # (T,)
-            positions = (flat_labels != -100).nonzero().squeeze(1)
-            targets = flat_labels[positions]
+            h, batch = self._encode(input_ids, attention_mask, labels)  # (T, H)
+            positions = batch.scored  # (M,) flat positions with label != -100, found by unpad
+            targets = labels.flatten()[batch.indices[positions]]
         logits = self.decoder(self.head(h[positions]))  # (num_targets, V)
         num_targets = torch.full((), positions.shape[0], dtype=torch.long, device=logits.device)
         loss = F.cross_entropy(logits.float(), targets, reduction="sum") / num_targets.clamp(min=1)

@@ -16,26 +16,11 @@ special cases:
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any
 
 from composer.core import Time, TimeUnit
 
-from ettin.config import SchedulerConfig
-
-DecayShape = Literal["linear", "1-sqrt"]
-
-
-def _parse(value: str | Time, name: str) -> Time:
-    time = Time.from_timestring(value) if isinstance(value, str) else value
-    if time.unit in (TimeUnit.SECOND, TimeUnit.ITERATION):
-        raise ValueError(
-            f"scheduler.{name}={value!r}: use tok, ba, sp, ep or dur, not {time.unit.value}"
-        )
-    if time.value < 0:
-        raise ValueError(f"scheduler.{name}={value!r} must not be negative")
-    if time.unit == TimeUnit.DURATION and time.value > 1:
-        raise ValueError(f"scheduler.{name}={value!r} is longer than the run (at most 1dur)")
-    return time
+from ettin.config import SchedulerConfig, scheduler_time
 
 
 class WarmupStableDecay:
@@ -45,24 +30,15 @@ class WarmupStableDecay:
     (`linear`) or `alpha_f + (1 - alpha_f)(1 - sqrt(x))` (`1-sqrt`). Where warm-up and decay
     overlap the smaller multiplier wins. Lengths are Composer time strings ("3_000_000_000tok",
     "500ba", "1dur"); `t_decay` must be in the unit of `max_duration` or in `dur`. Warm-up starts
-    at exactly 0 (the reference starts at 1e-10: the same to any precision that matters).
+    at exactly 0 (the reference starts at 1e-10: the same to any precision that matters). Built
+    from a validated `SchedulerConfig` (its checks live there, once).
     """
 
-    def __init__(
-        self,
-        t_warmup: str | Time = "0tok",
-        t_decay: str | Time = "0tok",
-        alpha_f: float = 0.0,
-        decay_shape: DecayShape = "linear",
-    ) -> None:
-        if decay_shape not in ("linear", "1-sqrt"):
-            raise ValueError(f"scheduler.decay_shape={decay_shape!r}: use 'linear' or '1-sqrt'")
-        if not 0.0 <= alpha_f <= 1.0:
-            raise ValueError(f"scheduler.alpha_f={alpha_f} must be in [0, 1]")
-        self.t_warmup = _parse(t_warmup, "t_warmup")
-        self.t_decay = _parse(t_decay, "t_decay")
-        self.alpha_f = alpha_f
-        self.decay_shape = decay_shape
+    def __init__(self, cfg: SchedulerConfig) -> None:
+        self.t_warmup = scheduler_time(cfg.t_warmup, "scheduler.t_warmup")
+        self.t_decay = scheduler_time(cfg.t_decay, "scheduler.t_decay")
+        self.alpha_f = cfg.alpha_f
+        self.decay_shape = cfg.decay_shape
 
     @staticmethod
     def _absolute(time: Time, max_duration: Time, ssr: float) -> tuple[float, TimeUnit]:
@@ -107,8 +83,3 @@ class WarmupStableDecay:
             f"WarmupStableDecay(t_warmup={self.t_warmup}, t_decay={self.t_decay}, "
             f"alpha_f={self.alpha_f}, decay_shape={self.decay_shape!r})"
         )
-
-
-def build_scheduler(cfg: SchedulerConfig) -> WarmupStableDecay:
-    """The run's scheduler from its config section."""
-    return WarmupStableDecay(cfg.t_warmup, cfg.t_decay, cfg.alpha_f, cfg.decay_shape)

@@ -20,8 +20,9 @@ def cmd_prep(args: argparse.Namespace) -> None:
         verbose=not args.quiet,
     )
     seconds = time.perf_counter() - t0
+    base = str(result.out).rstrip("/")
     print(
-        f"wrote {', '.join(str(result.out / p) for p in result.stats)} in {seconds:.1f} s "
+        f"wrote {', '.join(f'{base}/{p}' for p in result.stats)} in {seconds:.1f} s "
         f"({result.tokens_read / max(result.timings['tokenize'], 1e-9):,.0f} tokens/s tokenizing)"
     )
 
@@ -71,7 +72,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("mixture", help="mixture file, e.g. data_prep/sotu.yaml")
     p.add_argument(
-        "--out", required=True, type=Path, help="output folder (one subfolder per phase)"
+        "--out",
+        required=True,
+        help="output folder (one subfolder per phase), or a remote URL (s3://bucket/prefix, "
+        "gs://...): written locally, then uploaded",
     )
     p.add_argument("--phases", nargs="+", metavar="PHASE", help="only these phases (default: all)")
     p.add_argument(

@@ -15,12 +15,15 @@ For each phase of the mixture (`data_prep/*.yaml`):
    once per copy); validation takes, without repeats, chunks of the held-out documents up
    to `val_fraction / (1 - val_fraction)` of the source's train target;
 5. shuffle each split with the phase seed and write MDS shards with columns
-   `input_ids: ndarray:uint32, source: str, id: str` to `<out>/<phase>/{train,val}/`, plus
+   `input_ids: ndarray:uint32, source: str, id: str` to `<out>/<phase>/{train,val}/` (index.json
+   records each shard's sha1 and xxh64, checked by `ettin data verify`), plus
    `stats.json` (counts) and `meta.json` (tokenizer fingerprint, C, seed, mixture).
 
 Sample ids are `<doc_id>#<chunk number>`, with `+<copy>` appended for upsampled copies.
 A phase is written into a temp folder inside `<out>` and renamed into place only when
-complete, so an interrupted run leaves earlier outputs as they were. Same inputs, tokenizer
+complete, so an interrupted run leaves earlier outputs as they were. A remote `out` (s3://,
+gs://, ...) is written the same way in a local temp folder, and each finished phase is uploaded
+(shards, then index.json, stats.json and meta.json last: `ettin.data.remote.upload_tree`). Same inputs, tokenizer
 and seeds give byte-identical files, whatever `num_proc`.
 """
 
@@ -47,6 +50,8 @@ from ettin.prep.readers import read_documents
 from ettin.prep.tokenizer import load_tokenizer, special_ids, tokenizer_fingerprint
 
 MDS_COLUMNS = {"input_ids": "ndarray:uint32", "source": "str", "id": "str"}
+SHARD_HASHES = ["sha1", "xxh64"]
+"""Content hashes MDSWriter records per shard in index.json (`ettin data verify` checks them)."""
 PREP_FORMAT = 1
 SPLITS = ("train", "val")
 # Purposes of the per-source random streams (each seeded by phase seed, purpose, source).
@@ -307,6 +312,7 @@ def _write_split(
         out=str(out),
         columns=MDS_COLUMNS,
         compression=mixture.compression,
+        hashes=SHARD_HASHES,
         size_limit=mixture.shard_size,
     ) as writer:
         for i in tqdm(order, desc=f"write {desc}", unit="chunk", disable=not verbose):
@@ -429,7 +435,8 @@ def _swap_into_place(staged: Path, final: Path) -> None:
 class PrepResult:
     """What `prep` did: stats per phase (as in stats.json) and wall times per stage."""
 
-    out: Path
+    out: Path | str
+    """The output folder, or the URL for a remote `--out` (s3://, gs://, ...)."""
     stats: dict[str, dict]
     timings: dict[str, float]
     tokens_read: int
@@ -483,6 +490,13 @@ def prep(
     tokenizer_json = tok.backend_tokenizer.to_str()
     fingerprint = tokenizer_fingerprint(tok)
 
+    from ettin.data.dataset import is_remote
+
+    remote_out = str(out).rstrip("/") if is_remote(str(out)) else None
+    if remote_out:  # written locally as always, then uploaded phase by phase (ettin.data.remote)
+        import tempfile
+
+        out = Path(tempfile.mkdtemp(prefix="ettin-prep-"))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".prep-*.tmp"):
@@ -522,10 +536,17 @@ def prep(
             staged.mkdir()
             stats[p] = build_phase(p, phase, mix, tokenized, staged, cls_id, sep_id, meta, verbose)
             _swap_into_place(staged, out / p)
+            if remote_out:
+                from ettin.data.remote import upload_tree
+
+                upload_tree(out / p, f"{remote_out}/{p}", quiet=not verbose)
+                shutil.rmtree(out / p, ignore_errors=True)
             timings[p] = time.perf_counter() - t0
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if remote_out:
+            shutil.rmtree(out, ignore_errors=True)
     if verbose:
         print(summary_table(stats))
     tokens_read = sum(int(ts.offsets[-1]) + 2 * len(ts.doc_ids) for ts in tokenized.values())
-    return PrepResult(out, stats, timings, tokens_read)
+    return PrepResult(remote_out or out, stats, timings, tokens_read)

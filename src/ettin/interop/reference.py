@@ -1,0 +1,627 @@
+"""Checkpoints of the reference training (FlexBert on Composer) -> ettin: weights, optimiser, time.
+
+The published raw checkpoints (`jhu-clsp/ettin-checkpoints`) are Composer run checkpoints of
+the reference code (docs/architecture.md, "Reference checkpoints"; reference recipe §6.1):
+`state.model` holds `FlexBertFor{MaskedLM,CausalLM}` inside Composer's `HuggingFaceModel`
+(keys `model.bert....`, `model.head.*` or `model.lm_head.*`, `model.decoder.*`),
+`state.optimizers` StableAdamW's moments, `state.timestamp` the run's position and
+`state.integrations.huggingface` the FlexBertConfig (and the tokenizer files). This module maps
+them onto ours (the names of §6.3: ours are HF's encoder names for both objectives):
+
+- `read_reference(path)`: weights under our names, `ModelArgs` from the FlexBertConfig,
+  encoder or decoder, the optimiser moments per parameter, the timestamp, the tokenizer files.
+- `reference_weights(payload)`: what `ettin.checkpoint.read_checkpoint` uses, so
+  `init_from=ref.pt` and `ettin export ref.pt` accept a reference checkpoint as is.
+- `resume_into(path, cfg)`: a Composer checkpoint of *our* trainer in `cfg.run_dir/checkpoints`
+  with the reference's weights, moments, step counter, scheduler position and data position,
+  which our autoresume picks up: continued pre-training goes on where the reference stopped.
+
+Nothing is guessed silently: an unknown tensor, a missing one, a shape that does not fit the
+config, an optimiser state we cannot represent, a run of another size or objective is refused
+with a message that names it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ettin.model import ModelArgs
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ReferenceCheckpoint",
+    "ReferenceError",
+    "ettin_name",
+    "is_reference_state",
+    "read_reference",
+    "reference_model_args",
+    "reference_weights",
+    "resume_into",
+    "write_tokenizer",
+]
+
+
+class ReferenceError(ValueError):
+    """A reference checkpoint that cannot be converted as asked (the message says why)."""
+
+
+# FlexBert name (after Composer's `model.` prefix) -> ours. Layer 0 has no attn_norm in either.
+_LAYER_LEAVES = ("attn_norm", "attn.Wqkv", "attn.Wo", "mlp_norm", "mlp.Wi", "mlp.Wo")
+_RULES: list[tuple[re.Pattern[str], str]] = [
+    (
+        re.compile(r"^bert\.embeddings\.(tok_embeddings|norm)\.weight$"),
+        r"model.embeddings.\1.weight",
+    ),
+    (
+        re.compile(
+            r"^bert\.encoder\.layers\.(\d+)\.("
+            + "|".join(re.escape(x) for x in _LAYER_LEAVES)
+            + r")\.weight$"
+        ),
+        r"model.layers.\1.\2.weight",
+    ),
+    (re.compile(r"^bert\.final_norm\.weight$"), "model.final_norm.weight"),
+    (re.compile(r"^(?:head|lm_head)\.(dense|norm)\.weight$"), r"head.\1.weight"),
+    (re.compile(r"^decoder\.(weight|bias)$"), r"decoder.\1"),
+]
+_TIED = "decoder.weight"
+
+
+def ettin_name(key: str) -> str:
+    """Our state-dict name of a reference `state.model` key (`model.bert.…` -> `model.…`)."""
+    name = key.replace("_orig_mod.", "")
+    if not name.startswith("model."):
+        raise ReferenceError(
+            f"reference checkpoint tensor {key!r} lacks Composer's 'model.' prefix: this is not a "
+            "Composer checkpoint of the reference FlexBert models"
+        )
+    name = name[len("model.") :]
+    for pattern, target in _RULES:
+        if pattern.match(name):
+            out = pattern.sub(target, name)
+            if out == "model.layers.0.attn_norm.weight":
+                raise ReferenceError(
+                    f"reference checkpoint has {key!r}: layer 0 with its own attention norm "
+                    "(skip_first_prenorm=false) is not the Ettin architecture"
+                )
+            return out
+    raise ReferenceError(
+        f"unknown tensor {key!r} in the reference checkpoint: it has no place in the Ettin "
+        "architecture (biases, position embeddings or another head are not part of it); "
+        "only FlexBert prenorm/GLU/RoPE checkpoints of the Ettin configs can be imported"
+    )
+
+
+def is_reference_state(state: dict[str, Any]) -> bool:
+    """Whether a Composer `state` holds a reference FlexBert model (keys `model.bert.…`)."""
+    model = state.get("model") if isinstance(state, dict) else None
+    return isinstance(model, dict) and any(
+        isinstance(k, str) and k.replace("_orig_mod.", "").startswith("model.bert.") for k in model
+    )
+
+
+def _hf_integration(state: dict[str, Any]) -> dict[str, Any]:
+    return ((state.get("integrations") or {}).get("huggingface")) or {}
+
+
+def _flex_config(state: dict[str, Any], source: str) -> dict[str, Any]:
+    model = _hf_integration(state).get("model") or {}
+    config = (model.get("config") or {}).get("content")
+    if not isinstance(config, dict):
+        raise ReferenceError(
+            f"{source}: no model config in state.integrations.huggingface.model.config.content "
+            "(Composer's HuggingFaceModel metadata); the model's shape cannot be read"
+        )
+    return config
+
+
+# FlexBertConfig fields whose value the Ettin architecture fixes: (field, required value).
+_FIXED_FLEX = {
+    "attn_qkv_bias": False,
+    "attn_out_bias": False,
+    "mlp_in_bias": False,
+    "mlp_out_bias": False,
+    "head_pred_bias": False,
+    "decoder_bias": True,
+    "hidden_act": "gelu",
+    "head_pred_act": "gelu",
+    "normalization": "layernorm",
+    "mlp_layer": "glu",
+    "bert_layer": "prenorm",
+    "embedding_layer": "sans_pos",
+    "embed_norm": True,
+    "final_norm": True,
+    "skip_first_prenorm": True,
+    "rotary_emb_interleaved": False,
+    "tie_word_embeddings": True,
+}
+
+
+def reference_model_args(
+    config: dict[str, Any], *, causal: bool | None = None, source: str = "reference checkpoint"
+) -> ModelArgs:
+    """`ModelArgs` from a FlexBertConfig dict (as Composer stores it in the checkpoint).
+
+    `causal` is what the tensors say (`lm_head` = decoder); the config's `causal_mask` must agree.
+    `local_attn_rotary_emb_base` -1 (or absent) means the global base; `sliding_window` is the total
+    window (ours `local_attention`); -1 there (or `global_attn_every_n_layers` -1) means every layer
+    is global.
+    """
+    for key, want in _FIXED_FLEX.items():
+        if key in config and config[key] != want:
+            raise ReferenceError(
+                f"{source}: FlexBertConfig {key}={config[key]!r} is not the Ettin architecture "
+                f"({key}={want!r}); this checkpoint cannot be represented"
+            )
+    norm = config.get("norm_kwargs") or {}
+    if norm.get("bias", False):
+        raise ReferenceError(f"{source}: norm_kwargs.bias=true (Ettin LayerNorms have no bias)")
+    cfg_causal = config.get("causal_mask")
+    if causal is None:
+        causal = bool(cfg_causal)
+    elif cfg_causal is not None and bool(cfg_causal) != causal:
+        kind = "lm_head (a decoder)" if causal else "head (an encoder)"
+        raise ReferenceError(
+            f"{source}: the tensors name {kind} but the config says causal_mask={cfg_causal}; "
+            "the checkpoint is inconsistent"
+        )
+    missing = [
+        k
+        for k in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads")
+        if k not in config
+    ]
+    if missing:
+        raise ReferenceError(f"{source}: FlexBertConfig lacks {', '.join(missing)}")
+    window = config.get("sliding_window", -1)
+    every_n = config.get("global_attn_every_n_layers", -1)
+    if window is None or window <= 0 or every_n is None or every_n <= 0:
+        window, every_n = 128, 1  # every layer global: the window is never used
+    global_theta = float(config.get("rotary_emb_base", 10000.0))
+    local_theta = config.get("local_attn_rotary_emb_base", -1)
+    local_theta = global_theta if local_theta in (None, -1) else float(local_theta)
+    try:
+        return ModelArgs(
+            num_layers=int(config["num_hidden_layers"]),
+            hidden_size=int(config["hidden_size"]),
+            intermediate_size=int(config["intermediate_size"]),
+            num_heads=int(config["num_attention_heads"]),
+            vocab_size=int(config.get("vocab_size", 50368)),
+            causal=causal,
+            global_attn_every_n_layers=int(every_n),
+            local_attention=int(window),
+            global_rope_theta=global_theta,
+            local_rope_theta=local_theta,
+            norm_eps=float(norm.get("eps", config.get("norm_eps", 1e-5))),
+            init_std=float(config.get("init_std", 0.02)),
+            init_cutoff_factor=float(config.get("init_cutoff_factor", 2.0) or 2.0),
+        )
+    except ValueError as err:
+        raise ReferenceError(f"{source}: {err}") from None
+
+
+@dataclass
+class ReferenceCheckpoint:
+    """A reference checkpoint, converted to our names."""
+
+    source: str
+    model_args: ModelArgs
+    state: dict[str, Tensor]
+    """Model weights under our names (the tied `decoder.weight` included as stored)."""
+    config: dict[str, Any]
+    """The FlexBertConfig as stored."""
+    timestamp: dict[str, Any] = field(default_factory=dict)
+    """Composer timestamp fields (batch, sample, token, epoch, *_in_epoch)."""
+    moments: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    """Our parameter name -> {"exp_avg", "exp_avg_sq"} (empty: no optimiser state)."""
+    steps: dict[str, int] = field(default_factory=dict)
+    """Our parameter name -> StableAdamW's step counter for it."""
+    optimizer_groups: list[dict[str, Any]] = field(default_factory=list)
+    """The reference's param_groups without `params` (hyper-parameters, for the record)."""
+    tokenizer_files: dict[str, Any] = field(default_factory=dict)
+    """Composer's tokenizer metadata: file name -> {"file_extension", "content"}."""
+    run_name: str | None = None
+
+    @property
+    def objective(self) -> str:
+        return "clm" if self.model_args.causal else "mlm"
+
+    @property
+    def kind(self) -> str:
+        return "decoder (CLM)" if self.model_args.causal else "encoder (MLM)"
+
+
+def _load(path: str | os.PathLike) -> dict[str, Any]:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:
+        raise ReferenceError(f"cannot read checkpoint {path}: {err}") from err
+    if not (isinstance(payload, dict) and isinstance(payload.get("state"), dict)):
+        raise ReferenceError(f"{path} is not a Composer checkpoint (no 'state')")
+    return payload
+
+
+def _weights(state: dict[str, Any], source: str) -> tuple[dict[str, Tensor], bool]:
+    model = state.get("model")
+    if not isinstance(model, dict) or not model:
+        raise ReferenceError(f"{source}: no model weights in state.model")
+    out: dict[str, Tensor] = {}
+    heads = set()
+    for key, tensor in model.items():
+        name = ettin_name(key)
+        bare = key.replace("_orig_mod.", "")[len("model.") :]
+        if bare.startswith(("head.", "lm_head.")):
+            heads.add(bare.split(".")[0])
+        if name in out:
+            raise ReferenceError(f"{source}: two tensors map to {name!r} (one is {key!r})")
+        out[name] = tensor
+    if heads == {"head", "lm_head"}:
+        raise ReferenceError(f"{source}: holds both head.* and lm_head.*; which model is it?")
+    if not heads:
+        raise ReferenceError(
+            f"{source}: no prediction head (model.head.* for an encoder, model.lm_head.* for a "
+            "decoder); only the MaskedLM/CausalLM checkpoints can be imported"
+        )
+    return out, heads == {"lm_head"}
+
+
+def _timestamp(state: dict[str, Any]) -> dict[str, Any]:
+    stamp = state.get("timestamp") or {}
+    if isinstance(stamp, dict):
+        stamp = stamp.get("Timestamp", stamp)
+    return dict(stamp) if isinstance(stamp, dict) else {}
+
+
+def _flex_param_order(model: dict[str, Tensor]) -> list[tuple[str, bool]]:
+    """(reference key, is no-decay) in the reference's `named_parameters` order (tie once)."""
+    out = []
+    for key, tensor in model.items():
+        if ettin_name(key) == _TIED:
+            continue  # tied to the embedding: one parameter
+        out.append((key, tensor.ndim <= 1 or key.endswith(".bias")))  # optimizer.param_groups
+    return out
+
+
+_KNOWN_STATE = {"exp_avg", "exp_avg_sq", "step", "eps_sq", "kahan_comp", "mean_square"}
+
+
+def _optimizer(
+    state: dict[str, Any], weights: dict[str, Tensor], source: str
+) -> tuple[dict[str, dict[str, Tensor]], dict[str, int], list[dict[str, Any]]]:
+    optimizers = state.get("optimizers") or {}
+    if not optimizers:
+        return {}, {}, []
+    if len(optimizers) != 1:
+        raise ReferenceError(
+            f"{source}: {len(optimizers)} optimizers ({', '.join(optimizers)}); expected one StableAdamW"
+        )
+    ((opt_name, opt),) = optimizers.items()
+    if "adam" not in opt_name.lower():
+        raise ReferenceError(f"{source}: optimizer {opt_name} is not StableAdamW; cannot map it")
+    per_param = opt.get("state") or {}
+    groups = opt.get("param_groups") or []
+    order = _flex_param_order(state["model"])
+    names_of_int: dict[int, str] = {}
+    if any(isinstance(k, int) for k in per_param) or any(
+        isinstance(p, int) for g in groups for p in g.get("params", [])
+    ):
+        # torch's native optimizer.state_dict(): ids count through the groups in order; the
+        # groups are built like ours (no-decay, then decay) in named_parameters order.
+        flat = [p for g in groups for p in g.get("params", [])]
+        by_group = [[k for k, nd in order if nd], [k for k, nd in order if not nd]]
+        if len(groups) != 2 or [len(g["params"]) for g in groups] != [len(x) for x in by_group]:
+            raise ReferenceError(
+                f"{source}: optimizer groups hold {[len(g.get('params', [])) for g in groups]} "
+                f"parameters, expected {[len(x) for x in by_group]} (no-decay, decay) for this model"
+            )
+        names_of_int = dict(zip(flat, by_group[0] + by_group[1]))
+    moments: dict[str, dict[str, Tensor]] = {}
+    steps: dict[str, int] = {}
+    group_of: dict[str, int] = {}
+    for gi, group in enumerate(groups):
+        for p in group.get("params", []):
+            key = names_of_int.get(p, p) if isinstance(p, int) else p
+            group_of[ettin_name(key)] = gi
+    for key, entry in per_param.items():
+        ref_key = names_of_int.get(key, key) if isinstance(key, int) else key
+        if not isinstance(ref_key, str):
+            raise ReferenceError(f"{source}: optimizer state for unknown parameter id {key!r}")
+        name = ettin_name(ref_key)
+        extra = set(entry) - _KNOWN_STATE
+        if extra:
+            raise ReferenceError(
+                f"{source}: optimizer state of {ref_key!r} has {sorted(extra)}, which StableAdamW "
+                "here does not keep; cannot carry it"
+            )
+        if "exp_avg" not in entry or "exp_avg_sq" not in entry:
+            raise ReferenceError(
+                f"{source}: optimizer state of {ref_key!r} lacks exp_avg/exp_avg_sq"
+            )
+        kahan = entry.get("kahan_comp")
+        if isinstance(kahan, Tensor) and kahan.numel() > 1 and bool(kahan.any()):
+            raise ReferenceError(
+                f"{source}: {ref_key!r} has a Kahan compensation buffer (bf16 parameters); "
+                "ettin trains fp32 master weights and would drop it"
+            )
+        target = weights.get(name)
+        for m in ("exp_avg", "exp_avg_sq"):
+            if target is not None and tuple(entry[m].shape) != tuple(target.shape):
+                raise ReferenceError(
+                    f"{source}: optimizer {m} of {ref_key!r} has shape {tuple(entry[m].shape)}, "
+                    f"the parameter {tuple(target.shape)}"
+                )
+        moments[name] = {"exp_avg": entry["exp_avg"], "exp_avg_sq": entry["exp_avg_sq"]}
+        step = entry.get("step")
+        if step is None and name in group_of:
+            step = groups[group_of[name]].get("step")
+        if step is None:
+            raise ReferenceError(f"{source}: no step counter for {ref_key!r} (param or group)")
+        steps[name] = int(step.item() if isinstance(step, Tensor) else step)
+    meta = [  # hyper-parameters, and our names of the group's params (checked against ours)
+        {
+            **{k: v for k, v in g.items() if k != "params"},
+            "_ettin_params": sorted(n for n, at in group_of.items() if at == gi),
+        }
+        for gi, g in enumerate(groups)
+    ]
+    return moments, steps, meta
+
+
+def read_reference(path: str | os.PathLike, *, payload: dict | None = None) -> ReferenceCheckpoint:
+    """Read a reference Composer checkpoint into our names (see the module docstring)."""
+    source = str(path)
+    payload = payload if payload is not None else _load(path)
+    state = payload["state"]
+    if not is_reference_state(state):
+        raise ReferenceError(
+            f"{source}: state.model has no 'model.bert.*' tensors: not a reference FlexBert checkpoint"
+        )
+    weights, causal = _weights(state, source)
+    config = _flex_config(state, source)
+    args = reference_model_args(config, causal=causal, source=source)
+    moments, steps, groups = _optimizer(state, weights, source)
+    return ReferenceCheckpoint(
+        source=source,
+        model_args=args,
+        state=weights,
+        config=config,
+        timestamp=_timestamp(state),
+        moments=moments,
+        steps=steps,
+        optimizer_groups=groups,
+        tokenizer_files=dict(_hf_integration(state).get("tokenizer") or {}),
+        run_name=state.get("run_name"),
+    )
+
+
+def write_tokenizer(files: dict[str, Any], out_dir: str | os.PathLike) -> Path | None:
+    """Write Composer's tokenizer metadata back as files (None when there is none)."""
+    if not files:
+        return None
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, entry in files.items():
+        content, ext = entry.get("content"), entry.get("file_extension", Path(name).suffix)
+        target = out / Path(name).name
+        if ext == ".json":
+            target.write_text(json.dumps(content, ensure_ascii=False))
+        elif ext == ".txt":
+            target.write_text("\n".join(content) if isinstance(content, list) else str(content))
+        elif isinstance(content, bytes):
+            target.write_bytes(content)
+        else:
+            target.write_text(str(content))
+    return out
+
+
+def reference_weights(payload: dict[str, Any], source: str) -> tuple[dict[str, Tensor], dict]:
+    """(our state dict, RunInfo-style metadata) of a loaded reference checkpoint."""
+    ref = read_reference(source, payload=payload)
+    meta = {
+        "model_args": dataclasses.asdict(ref.model_args),
+        "objective": ref.objective,
+        "tokenizer": {},
+        "lineage": {"reference": source, "objectives": [ref.objective]},
+        "max_seq_len": None,  # the data config is not in the checkpoint
+        "hf_config": {},
+    }
+    return ref.state, meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming a reference run with our trainer.
+
+_COMPARED = (
+    "num_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_heads",
+    "vocab_size",
+    "global_attn_every_n_layers",
+    "local_attention",
+    "global_rope_theta",
+    "local_rope_theta",
+    "norm_eps",
+)
+
+
+def check_fits_run(ref: ReferenceCheckpoint, run_args: ModelArgs, run_label: str) -> None:
+    """Refuse a run whose model differs from the checkpoint's (another size, objective, RoPE)."""
+    if ref.model_args.causal != run_args.causal:
+        raise ReferenceError(
+            f"{ref.source} is a {ref.kind} checkpoint but {run_label} trains a "
+            f"{'decoder (objective=clm)' if run_args.causal else 'encoder (objective=mlm)'}; "
+            f"resume with objective={ref.objective}, or start the other objective from its "
+            f"weights only with init_from={ref.source}"
+        )
+    diffs = [
+        f"{k}: checkpoint {getattr(ref.model_args, k)}, run {getattr(run_args, k)}"
+        for k in _COMPARED
+        if getattr(ref.model_args, k) != getattr(run_args, k)
+    ]
+    if diffs:
+        raise ReferenceError(
+            f"{ref.source} does not fit {run_label} ({'; '.join(diffs)}): a checkpoint of another "
+            "size or phase; pick the run file of the same size and phase (model.size, "
+            "model.*_rope_theta, model.local_attention)"
+        )
+
+
+def _set_optimizer(optimizer, model, ref: ReferenceCheckpoint) -> int:
+    """Put the reference's moments and step counters into our (not yet stepped) optimizer."""
+    by_param = {id(p): name for name, p in model.named_parameters()}
+    step_of_group = []
+    for gi, group in enumerate(optimizer.param_groups):
+        names = [by_param[id(p)] for p in group["params"]]
+        missing = [n for n in names if n not in ref.moments]
+        if missing:
+            raise ReferenceError(
+                f"{ref.source}: no optimizer state for {missing[:5]}; resume weights only with "
+                f"init_from={ref.source} instead"
+            )
+        if ref.optimizer_groups and gi < len(ref.optimizer_groups):
+            theirs = set(ref.optimizer_groups[gi].get("_ettin_params", names))
+            moved = sorted(set(names) - theirs)
+            if moved:
+                raise ReferenceError(
+                    f"{ref.source}: {moved[:3]} are in another weight-decay group in the reference "
+                    "optimizer than in ours; the parameter groups differ"
+                )
+        steps = {ref.steps[n] for n in names}
+        if len(steps) != 1:
+            raise ReferenceError(
+                f"{ref.source}: the parameters of group {gi} have different step counters "
+                f"{sorted(steps)}; StableAdamW here keeps one per group"
+            )
+        (step,) = steps
+        for p, name in zip(group["params"], names):
+            st = optimizer.state[p]
+            st["exp_avg"] = ref.moments[name]["exp_avg"].to(p.dtype).clone().contiguous()
+            st["exp_avg_sq"] = ref.moments[name]["exp_avg_sq"].to(p.dtype).clone().contiguous()
+            st["eps_sq"] = torch.tensor(group["eps"] ** 2, dtype=p.dtype, device=p.device)
+            st["kahan_comp"] = None
+        group["setup"] = True
+        group["step"] = torch.tensor(step, dtype=torch.int32)
+        step_of_group.append(step)
+    return max(step_of_group) if step_of_group else 0
+
+
+def _set_schedule(state, ref: ReferenceCheckpoint, batch: int) -> None:
+    """The LR of the next step and the LambdaLR counters, as Composer leaves them at `batch`.
+
+    Composer steps the scheduler after each batch, before advancing the timestamp, so the LR a
+    checkpoint holds is the schedule one step behind its timestamp; that value is taken from the
+    reference's param groups (the LR its next step would have used). Later steps follow the run
+    config's schedule. Without an LR in the reference, the schedule at `batch` is used.
+    """
+    groups = state.optimizers[0].param_groups
+    for scheduler in state.schedulers:
+        scheduler.last_epoch = batch - 1
+        scheduler.step()  # the schedule at the restored timestamp (the fallback)
+        scheduler._step_count = batch + 1
+    theirs = [g.get("lr") for g in ref.optimizer_groups]
+    if len(theirs) == len(groups) and all(isinstance(lr, float | int) for lr in theirs):
+        for group, lr in zip(groups, theirs):
+            group["lr"] = float(lr)
+        for scheduler in state.schedulers:
+            scheduler._last_lr = [float(lr) for lr in theirs]
+
+
+def resume_into(path: str | os.PathLike, cfg, *, weights_only: bool = False) -> Path:
+    """Write a checkpoint of our trainer into `cfg.run_dir/checkpoints` that continues `path`.
+
+    `cfg` is the RunConfig the run will be resumed with (same size, objective, data, batch size):
+    a trainer is built from it (in a scratch folder), the reference's weights, optimiser moments
+    and step counters, timestamp, scheduler position and data position (`sample_in_epoch`) are
+    put into it, and it is saved as `ep{e}-ba{b}-rank0.pt` with `latest-rank0.pt` pointing at it.
+    Running the same config again then resumes there (autoresume). `weights_only` keeps the
+    timestamp but starts fresh optimizer moments (for a checkpoint without optimiser state).
+    """
+    from composer.core import Timestamp
+
+    from ettin.checkpoint import CHECKPOINT_FILENAME, RunInfo, prepare_resume, run_checkpoints
+    from ettin.train import build_trainer
+
+    ref = read_reference(path)
+    run_dir = Path(cfg.run_dir)
+    folder = run_dir / "checkpoints"
+    if run_checkpoints(folder):
+        raise ReferenceError(
+            f"{folder} already holds checkpoints; resume into a new run folder (run_dir=...)"
+        )
+    if not ref.moments and not weights_only:
+        raise ReferenceError(
+            f"{ref.source} has no optimizer state; pass --weights-only to resume with fresh "
+            f"moments, or start with init_from={ref.source}"
+        )
+    stamp = ref.timestamp
+    if not stamp.get("batch"):
+        raise ReferenceError(f"{ref.source} has no timestamp (batch 0): use init_from= instead")
+    with tempfile.TemporaryDirectory(prefix="ettin-resume-") as tmp:
+        scratch = dataclasses.replace(cfg, run_dir=tmp, autoresume=False, init_from=None)
+        trainer = build_trainer(scratch)
+        try:
+            model = trainer.state.model.model
+            check_fits_run(ref, model.args, f"the run {cfg.run_name}")
+            from ettin.checkpoint import load_weights
+
+            load_weights(model, ref.state, source=ref.source)
+            if not weights_only:
+                _set_optimizer(trainer.state.optimizers[0], model, ref)
+            fields = {
+                k: int(stamp[k])
+                for k in (
+                    "epoch",
+                    "batch",
+                    "sample",
+                    "token",
+                    "batch_in_epoch",
+                    "sample_in_epoch",
+                    "token_in_epoch",
+                    "iteration",
+                    "epoch_in_iteration",
+                    "token_in_iteration",
+                )
+                if k in stamp
+            }
+            fields.setdefault("batch_in_epoch", fields["batch"])
+            fields.setdefault("sample_in_epoch", fields.get("sample", 0))
+            fields.setdefault("token_in_epoch", fields.get("token", 0))
+            # Composer's schedulers read the iteration counters (one iteration: the whole run)
+            fields.setdefault("epoch_in_iteration", fields.get("epoch", 0))
+            fields.setdefault("token_in_iteration", fields.get("token", 0))
+            trainer.state.timestamp = Timestamp(**fields)
+            dataset = getattr(trainer.state.train_dataloader, "dataset", None)
+            sampler = getattr(dataset, "sampler", None)
+            if sampler is not None:
+                sampler.set_epoch(fields.get("epoch", 0))
+            batch = fields["batch"]
+            _set_schedule(trainer.state, ref, batch)
+            (info,) = [c for c in trainer.state.callbacks if isinstance(c, RunInfo)]
+            info.info.lineage = {
+                **info.info.lineage,
+                "resumed_from_reference": ref.source,
+                "reference_run": ref.run_name,
+            }
+            name = CHECKPOINT_FILENAME.format(epoch=fields.get("epoch", 0), batch=batch, rank=0)
+            folder.mkdir(parents=True, exist_ok=True)
+            target = folder / name
+            trainer.save_checkpoint(str(target))
+        finally:
+            trainer.close()
+    prepare_resume(folder)  # points latest-rank0.pt at it
+    log.info("wrote %s (batch %d of %s)", target, batch, ref.source)
+    return target

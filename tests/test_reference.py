@@ -1,0 +1,405 @@
+"""Reference (FlexBert/Composer) checkpoints -> ettin: weights, optimiser moments, time, errors.
+
+The synthetic checkpoints are built here from the documented layout (reference recipe §6.1,
+names of §1.2/§6.3): `state.model` with `model.bert....`, `model.head.*`/`model.lm_head.*`,
+`model.decoder.*`; StableAdamW state keyed by those names (Composer >= 0.24 with torch >= 2.3)
+or by torch's integer ids; `state.timestamp`; `state.integrations.huggingface` with the
+FlexBertConfig. Tiny shapes, no download.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ettin.interop.reference import (
+    ReferenceError,
+    check_fits_run,
+    ettin_name,
+    read_reference,
+    reference_model_args,
+)
+from ettin.model import EttinModel, ModelArgs
+
+sys.path.insert(0, str(Path(__file__).parent))
+import test_train  # noqa: E402
+from test_train import _cfg, _losses  # noqa: E402
+
+world = test_train.world  # the tiny tokenizer + prepared phases fixture, shared
+
+L, H, INTER, HEADS, V = 4, 64, 96, 4, 72
+
+
+def flex_config(causal: bool, **extra) -> dict:
+    """A FlexBertConfig dict as Composer's HuggingFaceModel.get_metadata stores it."""
+    cfg = {
+        "model_type": "bert",
+        "num_hidden_layers": L,
+        "hidden_size": H,
+        "intermediate_size": INTER,
+        "num_attention_heads": HEADS,
+        "vocab_size": V,
+        "rotary_emb_base": 10000.0,
+        "local_attn_rotary_emb_base": -1,
+        "sliding_window": 128,
+        "global_attn_every_n_layers": 3,
+        "norm_kwargs": {"eps": 1e-05, "bias": False},
+        "attn_qkv_bias": False,
+        "attn_out_bias": False,
+        "mlp_in_bias": False,
+        "mlp_out_bias": False,
+        "decoder_bias": True,
+        "hidden_act": "gelu",
+        "head_pred_act": "gelu",
+        "bert_layer": "prenorm",
+        "mlp_layer": "glu",
+        "embedding_layer": "sans_pos",
+        "skip_first_prenorm": True,
+        "final_norm": True,
+        "embed_norm": True,
+        "masked_prediction": not causal,
+        "init_std": 0.02,
+        "pad_token_id": 0,
+        "attn_out_dropout_prob": 0.1,
+    }
+    if causal:
+        cfg["causal_mask"] = True
+    cfg.update(extra)
+    return cfg
+
+
+def flex_names(causal: bool) -> list[tuple[str, tuple[int, ...]]]:
+    """The documented FlexBert state-dict names and shapes, in module order."""
+    head = "lm_head" if causal else "head"
+    names = [
+        ("model.bert.embeddings.tok_embeddings.weight", (V, H)),
+        ("model.bert.embeddings.norm.weight", (H,)),
+    ]
+    for i in range(L):
+        p = f"model.bert.encoder.layers.{i}."
+        if i >= 1:
+            names.append((p + "attn_norm.weight", (H,)))
+        names += [
+            (p + "attn.Wqkv.weight", (3 * H, H)),
+            (p + "attn.Wo.weight", (H, H)),
+            (p + "mlp_norm.weight", (H,)),
+            (p + "mlp.Wi.weight", (2 * INTER, H)),
+            (p + "mlp.Wo.weight", (H, INTER)),
+        ]
+    names += [
+        ("model.bert.final_norm.weight", (H,)),
+        (f"model.{head}.dense.weight", (H, H)),
+        (f"model.{head}.norm.weight", (H,)),
+        ("model.decoder.weight", (V, H)),
+        ("model.decoder.bias", (V,)),
+    ]
+    return names
+
+
+def reference_payload(
+    causal: bool, *, seed: int = 0, optimizer: str = "names", step: int = 7
+) -> dict:
+    """A reference Composer checkpoint with random weights and moments."""
+    g = torch.Generator().manual_seed(seed)
+    model = {}
+    for name, shape in flex_names(causal):
+        model[name] = (
+            1.0 + 0.1 * torch.randn(shape, generator=g)
+            if name.endswith("norm.weight")
+            else 0.2 * torch.randn(shape, generator=g)
+        )
+    model["model.decoder.weight"] = model["model.bert.embeddings.tok_embeddings.weight"]
+    params = [k for k in model if k != "model.decoder.weight"]
+    no_decay = [k for k in params if model[k].ndim <= 1 or k.endswith(".bias")]
+    decay = [k for k in params if k not in no_decay]
+    moments = {
+        k: {
+            "exp_avg": torch.randn(model[k].shape, generator=g),
+            "exp_avg_sq": torch.rand(model[k].shape, generator=g),
+        }
+        for k in params
+    }
+    groups = [
+        {"lr": 1e-3, "weight_decay": 0.0, "step": torch.tensor(step), "params": no_decay},
+        {"lr": 1e-3, "weight_decay": 1e-5, "step": torch.tensor(step), "params": decay},
+    ]
+    if optimizer == "ids":  # torch's native optimizer.state_dict(), a per-param step
+        ids = {k: i for i, k in enumerate(no_decay + decay)}
+        moments = {ids[k]: {**v, "step": torch.tensor(float(step))} for k, v in moments.items()}
+        groups = [
+            {
+                **{k: v for k, v in gr.items() if k != "step"},
+                "params": [ids[p] for p in gr["params"]],
+            }
+            for gr in groups
+        ]
+    timestamp = {
+        "epoch": 0,
+        "batch": step,
+        "sample": 8 * step,
+        "token": 1000 * step,
+        "batch_in_epoch": step,
+        "sample_in_epoch": 8 * step,
+        "token_in_epoch": 1000 * step,
+    }
+    return {
+        "state": {
+            "model": model,
+            "optimizers": {"StableAdamW": {"state": moments, "param_groups": groups}},
+            "schedulers": {"LambdaLR": {"base_lrs": [1e-3, 1e-3], "last_epoch": step}},
+            "timestamp": {"Timestamp": timestamp},
+            "rank_zero_seed": 21,
+            "run_name": "reference-run",
+            "integrations": {
+                "huggingface": {
+                    "model": {
+                        "config": {
+                            "file_extension": ".json",
+                            "content": flex_config(causal),
+                            "class": "src.bert_layers.model.FlexBertForMaskedLM",
+                        }
+                    },
+                    "tokenizer": {},
+                }
+            },
+        },
+        "rng": [{}],
+    }
+
+
+def set_by_hand(model: EttinModel, flex: dict[str, torch.Tensor], causal: bool) -> None:
+    """Copy the FlexBert tensors into our modules attribute by attribute (no name mapping)."""
+    head = "lm_head" if causal else "head"
+    with torch.no_grad():
+        b = model.model
+        b.embeddings.tok_embeddings.weight.copy_(
+            flex["model.bert.embeddings.tok_embeddings.weight"]
+        )
+        b.embeddings.norm.weight.copy_(flex["model.bert.embeddings.norm.weight"])
+        for i, layer in enumerate(b.layers):
+            p = f"model.bert.encoder.layers.{i}."
+            if i >= 1:
+                layer.attn_norm.weight.copy_(flex[p + "attn_norm.weight"])
+            layer.attn.Wqkv.weight.copy_(flex[p + "attn.Wqkv.weight"])
+            layer.attn.Wo.weight.copy_(flex[p + "attn.Wo.weight"])
+            layer.mlp_norm.weight.copy_(flex[p + "mlp_norm.weight"])
+            layer.mlp.Wi.weight.copy_(flex[p + "mlp.Wi.weight"])
+            layer.mlp.Wo.weight.copy_(flex[p + "mlp.Wo.weight"])
+        b.final_norm.weight.copy_(flex["model.bert.final_norm.weight"])
+        model.head.dense.weight.copy_(flex[f"model.{head}.dense.weight"])
+        model.head.norm.weight.copy_(flex[f"model.{head}.norm.weight"])
+        model.decoder.bias.copy_(flex["model.decoder.bias"])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_weights_land_on_the_right_tensors(tmp_path, causal):
+    from ettin.checkpoint import load_weights
+
+    payload = reference_payload(causal)
+    torch.save(payload, tmp_path / "ref.pt")
+    ref = read_reference(tmp_path / "ref.pt")
+    assert ref.model_args.causal is causal and ref.objective == ("clm" if causal else "mlm")
+    assert ref.model_args.num_layers == L and ref.model_args.intermediate_size == INTER
+    ours = EttinModel(ref.model_args)
+    load_weights(ours, ref.state, source="ref")
+    by_hand = EttinModel(ref.model_args)
+    set_by_hand(by_hand, payload["state"]["model"], causal)
+    ids = torch.randint(0, V - 8, (2, 20), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0
+    ours.eval(), by_hand.eval()
+    with torch.no_grad():
+        a, b = ours.padded_logits(ids, mask), by_hand.padded_logits(ids, mask)
+    assert torch.equal(a, b)
+    # and not trivially: a fresh model computes something else
+    assert not torch.allclose(a, EttinModel(ref.model_args).eval().padded_logits(ids, mask))
+    assert ref.timestamp["batch"] == 7 and ref.timestamp["token"] == 7000
+
+
+@pytest.mark.parametrize("layout", ["names", "ids"])
+def test_optimizer_moments_land_on_the_right_params(tmp_path, layout):
+    payload = reference_payload(False, optimizer=layout, step=5)
+    torch.save(payload, tmp_path / "ref.pt")
+    ref = read_reference(tmp_path / "ref.pt")
+    opt = payload["state"]["optimizers"]["StableAdamW"]["state"]
+    key = "model.bert.encoder.layers.2.mlp.Wi.weight"
+    if layout == "ids":
+        order = [
+            p
+            for g in payload["state"]["optimizers"]["StableAdamW"]["param_groups"]
+            for p in g["params"]
+        ]
+        params = [k for k in payload["state"]["model"] if k != "model.decoder.weight"]
+        decay = [k for k in params if payload["state"]["model"][k].ndim == 2]
+        no_decay = [k for k in params if k not in decay]
+        key = order[(no_decay + decay).index(key)]
+    got = ref.moments["model.layers.2.mlp.Wi.weight"]
+    assert torch.equal(got["exp_avg"], opt[key]["exp_avg"])
+    assert torch.equal(got["exp_avg_sq"], opt[key]["exp_avg_sq"])
+    assert set(ref.steps.values()) == {5}
+    assert len(ref.moments) == len(flex_names(False)) - 1  # the tied decoder weight once
+
+
+def test_unknown_or_mismatched_tensors_are_refused_by_name(tmp_path):
+    payload = reference_payload(False)
+    payload["state"]["model"]["model.bert.encoder.layers.1.attn.Wqkv.bias"] = torch.zeros(3 * H)
+    with pytest.raises(ReferenceError, match=r"layers\.1\.attn\.Wqkv\.bias"):
+        read_reference(tmp_path / "x.pt", payload=payload)
+    assert ettin_name("model.bert.encoder.layers.3.mlp.Wo.weight") == "model.layers.3.mlp.Wo.weight"
+    assert ettin_name("model.lm_head.dense.weight") == "head.dense.weight"
+    with pytest.raises(ReferenceError, match="skip_first_prenorm"):
+        ettin_name("model.bert.encoder.layers.0.attn_norm.weight")
+    # a config of another size than the tensors: the first misfit tensor is named
+    from ettin.checkpoint import CheckpointError, load_weights
+
+    payload = reference_payload(False)
+    payload["state"]["integrations"]["huggingface"]["model"]["config"]["content"][
+        "intermediate_size"
+    ] = 128
+    ref = read_reference(tmp_path / "x.pt", payload=payload)
+    with pytest.raises(CheckpointError, match=r"mlp\.Wi\.weight.*\(256, 64\).*\(192, 64\)"):
+        load_weights(EttinModel(ref.model_args), ref.state, source="ref.pt")
+    # the head and the config disagree about the objective
+    payload = reference_payload(True)
+    payload["state"]["integrations"]["huggingface"]["model"]["config"]["content"]["causal_mask"] = (
+        False
+    )
+    with pytest.raises(ReferenceError, match="lm_head.*causal_mask=False"):
+        read_reference(tmp_path / "x.pt", payload=payload)
+    # an architecture setting ours cannot represent
+    with pytest.raises(ReferenceError, match="mlp_in_bias"):
+        reference_model_args(flex_config(False, mlp_in_bias=True))
+
+
+def test_config_fields_map_to_model_args():
+    args = reference_model_args(
+        flex_config(True, rotary_emb_base=160000.0, local_attn_rotary_emb_base=10000.0),
+        causal=True,
+    )
+    assert (args.global_rope_theta, args.local_rope_theta) == (160000.0, 10000.0)
+    assert args.local_attention == 128 and args.global_attn_every_n_layers == 3 and args.causal
+    same = reference_model_args(flex_config(False, rotary_emb_base=160000.0))
+    assert same.local_rope_theta == 160000.0  # -1 = the global base
+    assert reference_model_args(flex_config(False, norm_kwargs={"eps": 1e-6})).norm_eps == 1e-6
+
+
+def test_a_run_of_another_size_or_objective_is_refused(tmp_path):
+    ref = read_reference(tmp_path / "x.pt", payload=reference_payload(False))
+    run = ModelArgs(
+        num_layers=L, hidden_size=H, intermediate_size=INTER, num_heads=HEADS, vocab_size=V
+    )
+    check_fits_run(ref, run, "run r")
+    with pytest.raises(ReferenceError, match="num_layers: checkpoint 4, run 7.*another size"):
+        check_fits_run(ref, ModelArgs(**{**run.__dict__, "num_layers": 7}), "run r")
+    with pytest.raises(ReferenceError, match=r"encoder \(MLM\) checkpoint.*objective=mlm"):
+        check_fits_run(ref, ModelArgs(**{**run.__dict__, "causal": True}), "run r")
+
+
+def test_init_from_and_import_accept_a_reference_checkpoint(tmp_path):
+    from ettin.checkpoint import load_checkpoint, read_checkpoint
+    from ettin.cli import main
+
+    torch.save(reference_payload(True), tmp_path / "ref.pt")
+    state, info = read_checkpoint(tmp_path / "ref.pt")  # what init_from= reads
+    assert info.objective == "clm" and info.model_args.causal
+    assert "model.layers.1.attn.Wqkv.weight" in state
+    main(["import", str(tmp_path / "ref.pt"), str(tmp_path / "start.pt")])
+    model, got = load_checkpoint(tmp_path / "start.pt")
+    assert got.lineage["reference"] == str(tmp_path / "ref.pt")
+    assert torch.equal(model.state_dict()["head.dense.weight"], state["head.dense.weight"])
+
+
+def _to_reference(ours: dict, causal: bool) -> dict:
+    """Our Composer checkpoint rewritten in the reference's layout (the inverse mapping)."""
+
+    def flex(name: str) -> str:  # ours within the ComposerModel: model.<ettin name>
+        n = name[len("model.") :]
+        if n.startswith("model.layers."):
+            return "model.bert.encoder.layers." + n[len("model.layers.") :]
+        if n.startswith("model."):
+            return "model.bert." + n[len("model.") :]
+        if n.startswith("head.") and causal:
+            return "model.lm_head." + n[len("head.") :]
+        return "model." + n
+
+    st = ours["state"]
+    opt = st["optimizers"]["StableAdamW"]
+    args = st["callbacks"]["RunInfo"]["model_args"]
+    config = flex_config(causal)
+    config.update(
+        num_hidden_layers=args["num_layers"],
+        hidden_size=args["hidden_size"],
+        intermediate_size=args["intermediate_size"],
+        num_attention_heads=args["num_heads"],
+        vocab_size=args["vocab_size"],
+        sliding_window=args["local_attention"],
+    )
+    return {
+        "state": {
+            "model": {flex(k): v for k, v in st["model"].items()},
+            "optimizers": {
+                "StableAdamW": {
+                    "state": {flex(k): v for k, v in opt["state"].items()},
+                    "param_groups": [
+                        {**g, "params": [flex(p) for p in g["params"]]} for g in opt["param_groups"]
+                    ],
+                }
+            },
+            "timestamp": st["timestamp"],
+            "run_name": "reference",
+            "integrations": {"huggingface": {"model": {"config": {"content": config}}}},
+        },
+        "rng": ours["rng"],
+    }
+
+
+@pytest.mark.parametrize("objective", ["mlm", "clm"])
+def test_resume_into_continues_the_reference_run_exactly(world, tmp_path, objective):
+    """A run checkpointed at batch 3, rewritten in the reference layout and imported with
+    --resume-into, then trained to batch 5: losses of steps 4-5 equal the uninterrupted run's."""
+    from ettin.cli import main
+    from ettin.train import train
+
+    common = ("max_duration=5ba", "save_interval=3ba", "callbacks.export_hf=false")
+    straight = _cfg(world, f"ref-straight-{objective}", objective, *common)
+    train(straight)
+    ours = torch.load(Path(straight.run_dir) / "checkpoints/ep0-ba3-rank0.pt", weights_only=False)
+    torch.save(_to_reference(ours, objective == "clm"), tmp_path / "ref.pt")
+    resumed = _cfg(world, f"ref-resumed-{objective}", objective, *common)
+    main(
+        [
+            "import",
+            str(tmp_path / "ref.pt"),
+            "--resume-into",
+            resumed.run_dir,
+            "--config",
+            str(Path(__file__).parents[1] / "yamls/tiny/encoder.yaml"),
+            "--set",
+            *[
+                f"objective={objective}",
+                f"tokenizer={world / 'tokenizer'}",
+                f"data_root={world / 'data'}",
+                f"run_name={resumed.run_name}",
+                "data.max_seq_len=48",
+                "model.attn_out_dropout=0.0",
+                *common,
+            ],
+        ]
+    )
+    latest = Path(resumed.run_dir) / "checkpoints/latest-rank0.pt"
+    assert latest.resolve().name == "ep0-ba3-rank0.pt"
+    train(resumed)
+    a, b = _losses(Path(straight.run_dir)), _losses(Path(resumed.run_dir))
+    assert sorted(b) == [3, 4] and all(a[k] == b[k] for k in b), (a, b)
+    imported = torch.load(latest.parent / "ep0-ba3-rank0.pt", weights_only=False)["state"]
+    assert imported["callbacks"]["RunInfo"]["lineage"]["resumed_from_reference"] == str(
+        tmp_path / "ref.pt"
+    )
+    meta = torch.load(latest.parent / "ep0-ba5-rank0.pt", weights_only=False)["state"]
+    end = torch.load(Path(straight.run_dir) / "checkpoints/ep0-ba5-rank0.pt", weights_only=False)
+    assert (
+        meta["timestamp"]["Timestamp"]["token"] == end["state"]["timestamp"]["Timestamp"]["token"]
+    )
