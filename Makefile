@@ -50,7 +50,7 @@ bench: install  ## CPU benchmarks: ratios against named baselines
 # .venv. The Composer part installs the wheels of `make wheelhouse` from .gpu/ (carry that folder).
 GPU_PYTHON ?= python3
 gpu-check:  ## prove the GPU path (backends, compiled throughput, 130 Composer steps + resume)
-	PYTHONUNBUFFERED=1 $(GPU_PYTHON) bench/gpu_check.py
+	PYTHONUNBUFFERED=1 PYTHONPATH=src $(GPU_PYTHON) bench/gpu_check.py
 
 # What the GPU machine cannot fetch: the wheels of the Composer part for CPython 3.12 (pure
 # Python, plus the few abi3/cp312 binaries), the tokenizer and a small prepared dataset.

@@ -24,7 +24,19 @@ COMMANDS = [
     ["sizes"],
     *[
         [sub, "--help"]
-        for sub in ("prep", "tokenizer", "order", "data", "recipe", "eval", "demo", "export", "import")
+        for sub in (
+            "prep",
+            "tokenizer",
+            "order",
+            "data",
+            "recipe",
+            "eval",
+            "demo",
+            "export",
+            "import",
+            "publish",
+            "train",
+        )
     ],
 ]
 

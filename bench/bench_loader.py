@@ -57,8 +57,14 @@ def _tokenizer():
 
 
 def _write_corpus(root: Path, tok, n: int) -> None:
-    from ettin.data.testing import write_phase
+    """A prepared phase as `ettin prep` lays it out (meta.json + MDS train split)."""
+    import json
+
+    from streaming import MDSWriter
+
     from ettin.objectives import token_sets
+    from ettin.prep.pipeline import MDS_COLUMNS, SHARD_HASHES
+    from ettin.prep.tokenizer import tokenizer_fingerprint
 
     rng = np.random.default_rng(0)
     _, ordinary = token_sets(tok)
@@ -69,7 +75,14 @@ def _write_corpus(root: Path, tok, n: int) -> None:
         samples.append(
             np.concatenate([[tok.cls_token_id], body, [tok.sep_token_id]]).astype(np.uint32)
         )
-    write_phase(root, tok, {"train": samples}, size_limit=1 << 26)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "meta.json").write_text(json.dumps({"tokenizer": tokenizer_fingerprint(tok)}))
+    cols, size = MDS_COLUMNS, 1 << 26
+    with MDSWriter(
+        out=str(root / "train"), columns=cols, hashes=SHARD_HASHES, size_limit=size
+    ) as w:
+        for i, ids in enumerate(samples):
+            w.write({"input_ids": ids, "source": "bench", "id": f"doc{i}"})
 
 
 def _measure(root: Path, tok, objective: str, packing: bool, workers: int, steps: int) -> dict:

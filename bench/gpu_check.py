@@ -1,6 +1,6 @@
 """`make gpu-check`: prove the GPU path on one GPU with no network, in under 8 minutes.
 
-    python3 bench/gpu_check.py [--parts backends throughput composer] [--sizes 150m 400m 1b]
+    PYTHONPATH=src python3 bench/gpu_check.py [--parts backends throughput composer] [--sizes 150m 400m 1b]
         [--contexts 1024 8192] [--bundle .gpu] [--out bench/gpu_check.md] [--dry-run | --smoke]
 
 Three parts, each printed as markdown ready for bench/RESULTS.md (also written to `--out`, and
@@ -42,11 +42,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))  # the GPU machine runs from a checkout, not an install
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PARTS = ("backends", "throughput", "composer")
 MLM_P = 0.3

@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from ettin.data.testing import tiny_composer_model, tiny_tokenizer
+from helpers import tiny_composer_model, tiny_tokenizer
 
 SETTINGS = {
     "max_seq_len": 24,

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from helpers import random_samples, tiny_tokenizer, write_phase, write_split
 
 from ettin.config import DataConfig, ObjectiveConfig
 from ettin.data import (
@@ -19,7 +20,6 @@ from ettin.data import (
     pack,
     packing_efficiency,
 )
-from ettin.data.testing import random_samples, tiny_tokenizer, write_phase, write_split
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,6 @@ LIMIT = 8  # held-out examples each recipe scores
 
 
 def recipe(name: str):
-    pytest.importorskip("sentence_transformers", reason="needs pip install -e '.[downstream]'")
     spec = importlib.util.spec_from_file_location(f"downstream_{name}", RECIPES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -134,7 +133,6 @@ def united_states_decoder(tokenizer, out: Path) -> Path:
 @pytest.mark.slow
 def test_lm_eval_scores_the_continuation_not_eos(tokenizer, tmp_path):
     """HFLM loglikelihood / generate_until / simple_evaluate on a local task file."""
-    pytest.importorskip("lm_eval", reason="needs pip install -e '.[downstream]'")
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 

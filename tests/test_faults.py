@@ -12,18 +12,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from helpers import WORDS, counting_samples, free_port, losses, metric_rows, write_world
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = 60
 PY = sys.executable
 COMPOSER = str(Path(sys.executable).with_name("composer"))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -74,30 +72,9 @@ main(sys.argv[1:])
 """
 
 
-def _samples(tok, n: int, seed: int) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        start, length = rng.integers(0, WORDS), rng.integers(12, 40)
-        words = (start + np.arange(length)) % WORDS
-        out.append(
-            np.concatenate([[tok.cls_token_id], words, [tok.sep_token_id]]).astype(np.uint32)
-        )
-    return out
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from ettin.data.testing import tiny_tokenizer, write_phase
-
-    root = tmp_path_factory.mktemp("faults")
-    tok = tiny_tokenizer(num_words=WORDS)
-    tok.save_pretrained(root / "tokenizer")
-    write_phase(
-        root / "data" / "pretrain",
-        tok,
-        {"train": _samples(tok, 400, 0), "val": _samples(tok, 48, 1)},
-    )
+    root = write_world(tmp_path_factory.mktemp("faults"))
     (root / "killer.py").write_text(KILLER)
     return root
 
@@ -116,18 +93,12 @@ def _overrides(world: Path, run: str, objective: str, *extra: str) -> list[str]:
     ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cmd(world: Path, script: str, overrides: list[str], ranks: int = 1) -> list[str]:
     path = str(world / "killer.py") if script == "killer" else str(ROOT / "src/main.py")
     yaml = str(ROOT / "yamls/tiny/encoder.yaml")
     if ranks == 1:
         return [PY, path, yaml, *overrides]
-    return [COMPOSER, "-n", str(ranks), "--master_port", str(_free_port()), path, yaml, *overrides]
+    return [COMPOSER, "-n", str(ranks), "--master_port", str(free_port()), path, yaml, *overrides]
 
 
 def _run(world, overrides, *, script="main", ranks=1, kill=None, timeout=300):
@@ -142,27 +113,14 @@ def _run(world, overrides, *, script="main", ranks=1, kill=None, timeout=300):
     )
 
 
-def _rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    out: dict[int, float] = {}
-    for row in _rows(run_dir):
-        if "loss/train/total" in row:
-            assert row["batch"] not in out, f"step {row['batch']} logged twice"
-            out[row["batch"]] = row["loss/train/total"]
-    return out
-
-
 def _assert_each_step_once(run_dir: Path) -> None:
-    keys = [(r["batch"], tuple(sorted(r))) for r in _rows(run_dir)]
+    keys = [(r["batch"], tuple(sorted(r))) for r in metric_rows(run_dir)]
     dupes = sorted({k for k in keys if keys.count(k) > 1})
     assert not dupes, f"rows logged twice in {run_dir / 'metrics.jsonl'}: {dupes[:5]}"
 
 
 def _assert_same_run(straight: Path, resumed: Path, steps: int) -> None:
-    a, b = _losses(straight), _losses(resumed)
+    a, b = losses(straight), losses(resumed)
     assert sorted(a) == sorted(b) == list(range(steps)), (sorted(a), sorted(b))
     diffs = [(k, a[k], b[k]) for k in a if a[k] != b[k]]
     assert not diffs, f"losses differ after the resume (step, straight, resumed): {diffs[:4]}"
@@ -414,16 +372,19 @@ def test_prepare_resume_moves_partial_files_and_repoints_latest(tmp_path):
 
 @pytest.fixture()
 def tok():
-    from ettin.data.testing import tiny_tokenizer
+    from helpers import tiny_tokenizer
 
     return tiny_tokenizer(num_words=WORDS)
 
 
 def _phase(root: Path, tok, n: int = 1026, *, size_limit=None, tokenizer=None) -> Path:
-    from ettin.data.testing import write_phase
+    from helpers import write_phase
 
     return write_phase(
-        root, tokenizer or tok, {"train": _samples(tokenizer or tok, n, 5)}, size_limit=size_limit
+        root,
+        tokenizer or tok,
+        {"train": counting_samples(tokenizer or tok, n, 5)},
+        size_limit=size_limit,
     )
 
 
@@ -513,8 +474,9 @@ def test_index_sample_count_must_match_the_shard_header(tmp_path, tok, claimed):
 
 
 def test_foreign_shards_without_meta_json_are_refused(tmp_path, tok):
+    from helpers import tiny_tokenizer
+
     from ettin.data import DataError
-    from ettin.data.testing import tiny_tokenizer
 
     other = tiny_tokenizer(num_words=40)  # its [CLS] is id 41, an ordinary word of ours
     root = _phase(tmp_path / "p", tok, 50, tokenizer=other)
@@ -544,7 +506,7 @@ def test_misspelt_key_is_one_line_at_every_entry_point(world, entry):
             "-n",
             "1",
             "--master_port",
-            str(_free_port()),
+            str(free_port()),
             main,
             yaml,
             "modle.size=17m",

@@ -11,20 +11,17 @@ would not).
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from helpers import WORDS, free_port, losses, metric_rows, write_world
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = 60
 TOL = 1e-5
 COMMON = (
     "data.max_seq_len=48",
@@ -38,37 +35,9 @@ COMMON = (
 )
 
 
-def _samples(tok, n: int, seed: int) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        start, length = rng.integers(0, WORDS), rng.integers(12, 40)
-        words = (start + np.arange(length)) % WORDS
-        out.append(
-            np.concatenate([[tok.cls_token_id], words, [tok.sep_token_id]]).astype(np.uint32)
-        )
-    return out
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from ettin.data.testing import tiny_tokenizer, write_phase
-
-    root = tmp_path_factory.mktemp("fsdp")
-    tok = tiny_tokenizer(num_words=WORDS)
-    tok.save_pretrained(root / "tokenizer")
-    write_phase(
-        root / "data" / "pretrain",
-        tok,
-        {"train": _samples(tok, 400, 0), "val": _samples(tok, 48, 1)},
-    )
-    return root
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return write_world(tmp_path_factory.mktemp("fsdp"))
 
 
 def _overrides(world: Path, run: str, *extra: str) -> list[str]:
@@ -95,15 +64,7 @@ def _run(world: Path, run: str, yaml: str, *extra: str) -> dict[int, float]:
     proc = _launch(world, run, yaml, *extra)
     out, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, out[-4000:]
-    return _losses(world / "runs" / run)
-
-
-def _rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    return {r["batch"]: r["loss/train/total"] for r in _rows(run_dir) if "loss/train/total" in r}
+    return losses(world / "runs" / run)
 
 
 def _max_diff(a: dict[int, float], b: dict[int, float]) -> float:
@@ -134,7 +95,7 @@ def test_fsdp_matches_ddp_with_update_clipping(world, objective):
     assert diff <= TOL, (diff, ddp, fsdp)
     assert fsdp[9] < fsdp[0]  # it trains
     clipped = [
-        r for r in _rows(world / "runs" / f"fsdp-{objective}") if "optim/update_clipped" in r
+        r for r in metric_rows(world / "runs" / f"fsdp-{objective}") if "optim/update_clipped" in r
     ]
     assert len(clipped) >= 9
     assert sum(r["optim/update_clipped"] > 0 for r in clipped) >= 5, clipped  # clipping engaged
@@ -185,9 +146,10 @@ def test_fsdp_sharded_checkpoint_resumes(world):
 @pytest.mark.slow
 def test_fsdp_packing_equalises_microbatches(world):
     """With packing the ranks hold different numbers of rows; FSDP must not deadlock."""
+    from helpers import tiny_tokenizer
+
     from ettin.config import load_config
     from ettin.data import build_dataloader
-    from ettin.data.testing import tiny_tokenizer
 
     extra = ("data.packing=true", "device_train_microbatch_size=1")
     cfg = load_config(ROOT / "yamls/tiny/encoder.yaml", _overrides(world, "probe", *extra))
@@ -218,7 +180,7 @@ def test_fsdp_packing_equalises_microbatches(world):
 def test_two_nodes_match_one_node(world):
     """2 "nodes" x 1 process (two Composer launchers on loopback) == 1 node x 2 processes."""
     one_node = _fsdp_run(world, "mlm")
-    port = _free_port()
+    port = free_port()
     procs = [
         _launch(
             world,
@@ -243,7 +205,7 @@ def test_two_nodes_match_one_node(world):
     ]
     outs = [p.communicate(timeout=400)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
-    two_nodes = _losses(world / "runs" / "fsdp-2nodes")
+    two_nodes = losses(world / "runs" / "fsdp-2nodes")
     diff = _max_diff(one_node, two_nodes)
     print(f"multi-node: max |loss 2x1 - 1x2| = {diff:.3g}")
     assert diff <= TOL
@@ -253,7 +215,7 @@ def test_activation_checkpointing_same_losses(world):
     from ettin.config import load_config
     from ettin.train import build_trainer
 
-    losses = {}
+    curves = {}
     for ac in ("false", "true"):
         run = f"ac-{ac}"
         cfg = load_config(
@@ -266,14 +228,14 @@ def test_activation_checkpointing_same_losses(world):
         assert all(wrapped) if ac == "true" else not any(wrapped)
         trainer.fit()
         trainer.close()
-        losses[ac] = _losses(world / "runs" / run)
+        curves[ac] = losses(world / "runs" / run)
         if ac == "true":  # checkpoints keep the plain parameter names
             from ettin.checkpoint import read_checkpoint
 
             state, _ = read_checkpoint(world / "runs" / run / "checkpoints")
             assert "model.layers.0.attn.Wqkv.weight" in state
-    assert sorted(losses["true"]) == list(range(4))
-    diff = max(abs(losses["true"][k] - losses["false"][k]) for k in losses["true"])
+    assert sorted(curves["true"]) == list(range(4))
+    diff = max(abs(curves["true"][k] - curves["false"][k]) for k in curves["true"])
     print(f"activation checkpointing: max |loss diff| = {diff:.3g}")
     assert diff <= TOL
 
@@ -308,10 +270,13 @@ def _sharded_step_worker(rank: int, world_size: int, port: int, out: str) -> Non
         full = [p.detach().full_tensor() for p in sharded]
         if rank == 0:
             torch.save({"params": full, "rms": rms}, out)
-        tdist.barrier()  # both ranks reach the teardown together: a gloo peer that has already
-        # exited can leave the other hanging in destroy_process_group
-    finally:
+        tdist.barrier()
+    except BaseException:
         tdist.destroy_process_group()
+        raise
+    # Leave without tearing the gloo group down: its destructor joins a worker thread that may
+    # wait for the GIL to free a DTensor's buffer (a deadlock seen here); the results are saved.
+    os._exit(0)
 
 
 _OPT = dict(lr=1e-2, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1, decouple_lr=True, max_lr=1e-2)
@@ -355,7 +320,7 @@ def test_sharded_optimizer_step_equals_unsharded(tmp_path):
     import torch.multiprocessing as mp
 
     out = str(tmp_path / "sharded.pt")
-    mp.spawn(_sharded_step_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_sharded_step_worker, args=(2, free_port(), out), nprocs=2, join=True)
     got = torch.load(out)
     params, grads = _toy()
     ref = _unsharded(params, grads)

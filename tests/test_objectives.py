@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_tokenizer
 
-from ettin.data.testing import tiny_tokenizer
 from ettin.objectives import IGNORE_INDEX, mlm_mask, num_loss_tokens, token_sets
 
 

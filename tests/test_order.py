@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import free_port, random_samples, tiny_composer_model, tiny_tokenizer, write_phase
 
 from ettin.config import DataConfig, ObjectiveConfig
 from ettin.data import (
@@ -25,7 +25,6 @@ from ettin.data import (
     read_order,
     write_order,
 )
-from ettin.data.testing import random_samples, tiny_composer_model, tiny_tokenizer, write_phase
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -288,12 +287,6 @@ def test_cli_export_replay_audit(phase, tok, tmp_path, capsys):
 # --------------------------------------------------------------------------- two real ranks
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_rank_composer_run_matches_single_process(phase, tmp_path):
     """`composer -n 2`: per-step batches of two ranks, and a resumed 2-rank run's recorded order."""
     sys.path.insert(0, str(REPO / "tests"))
@@ -309,7 +302,7 @@ def test_two_rank_composer_run_matches_single_process(phase, tmp_path):
         "-n",
         "2",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         str(REPO / "tests" / "dist_order_check.py"),
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -23,24 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import WORDS, counting_samples, losses
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = 60
 BUCKET = "ettin-test"
-
-pytest.importorskip("moto", reason="the S3 tests need moto[server] (pip install -e .[test])")
-
-
-def _samples(tok, n: int, seed: int) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        start, length = rng.integers(0, WORDS), rng.integers(12, 40)
-        words = (start + np.arange(length)) % WORDS
-        out.append(
-            np.concatenate([[tok.cls_token_id], words, [tok.sep_token_id]]).astype(np.uint32)
-        )
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +72,7 @@ def _upload(local: Path, url: str) -> None:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, s3):
     """A tiny tokenizer and a `pretrain` phase, locally and at s3://ettin-test/data/pretrain."""
-    from ettin.data.testing import tiny_tokenizer, write_phase
+    from helpers import tiny_tokenizer, write_phase
 
     root = tmp_path_factory.mktemp("remote")
     tok = tiny_tokenizer(num_words=WORDS)
@@ -94,7 +80,7 @@ def world(tmp_path_factory, s3):
     write_phase(
         root / "data" / "pretrain",
         tok,
-        {"train": _samples(tok, 400, 0), "val": _samples(tok, 48, 1)},
+        {"train": counting_samples(tok, 400, 0), "val": counting_samples(tok, 48, 1)},
     )
     _upload(root / "data" / "pretrain", f"s3://{BUCKET}/data/pretrain")
     return root
@@ -121,15 +107,6 @@ def _cfg(world: Path, run: str, *extra: str):
     return load_config(ROOT / "yamls/tiny/encoder.yaml", _overrides(world, run, *extra))
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    rows: dict[int, float] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if "loss/train/total" in row:
-            rows[row["batch"]] = row["loss/train/total"]
-    return rows
-
-
 def _order(run_dir: Path):
     import pyarrow.dataset as pds
 
@@ -148,7 +125,7 @@ def test_s3_run_equals_the_same_run_on_local_shards(world):
     cache = world / "cache-s3"
     remote = (f"data.path=s3://{BUCKET}/data/pretrain", f"data.local_cache={cache}")
     train(_cfg(world, "s3", *extra, *remote))
-    a, b = _losses(world / "runs/local"), _losses(world / "runs/s3")
+    a, b = losses(world / "runs/local"), losses(world / "runs/s3")
     assert sorted(a) == sorted(b) == list(range(6))
     assert a == b, "the losses of the s3:// run differ from the local run's"
     oa, ob = _order(world / "runs/local"), _order(world / "runs/s3")
@@ -251,8 +228,9 @@ def test_remote_errors_are_fast_and_name_the_fix(world, s3, tmp_path, monkeypatc
     with pytest.raises(rm.RemoteError, match="no credentials were found: set AWS_ACCESS_KEY_ID"):
         rm.probe_remote(f"s3://{BUCKET}/data/pretrain/train/index.json")
     # a remote path without a cache says what to set
+    from helpers import tiny_tokenizer
+
     from ettin.data.dataset import SampleRules, TokenDataset
-    from ettin.data.testing import tiny_tokenizer
 
     tok = tiny_tokenizer(num_words=WORDS)
     rules = SampleRules.from_tokenizer(tok, max_seq_len=48, encoder=True)
@@ -318,8 +296,9 @@ def test_prep_writes_to_s3_and_trains_from_there(world, s3, tmp_path):
     }
     assert keys == local and "prepped/pretrain/meta.json" in keys
     assert "prepped/pretrain/stats.json" in keys and "prepped/pretrain/train/index.json" in keys
+    from helpers import tiny_tokenizer
+
     from ettin.data.dataset import SampleRules, TokenDataset
-    from ettin.data.testing import tiny_tokenizer
 
     tok = tiny_tokenizer(num_words=WORDS)
     rules = SampleRules.from_tokenizer(tok, max_seq_len=48, encoder=True)
@@ -353,12 +332,13 @@ def _write_published_form(split_dir: Path, samples: list[np.ndarray]) -> None:
 
 
 def test_zstd_shards_train_as_they_are(world, s3, tmp_path, capsys):
+    from helpers import tiny_tokenizer
+
     from ettin.cli import main
     from ettin.data.dataset import DataError, SampleRules, TokenDataset
-    from ettin.data.testing import tiny_tokenizer
 
     tok = tiny_tokenizer(num_words=WORDS)
-    samples = _samples(tok, 200, 5)
+    samples = counting_samples(tok, 200, 5)
     split = tmp_path / "phase" / "train"
     _write_published_form(split, samples)
     assert list(split.glob("*.mds.zstd")) and not list(split.glob("*.mds"))
@@ -476,8 +456,8 @@ def test_streaming_order_stays_in_its_cache_limit_and_resumes_exactly(world):
     gc.collect()
     train(cfg)  # autoresume from step 5, Streaming's state restored by Composer
     straight, resumed = (
-        _losses(world / "runs/stream-straight"),
-        _losses(world / "runs/stream-killed"),
+        losses(world / "runs/stream-straight"),
+        losses(world / "runs/stream-killed"),
     )
     assert sorted(straight) == sorted(resumed) == list(range(10))
     assert straight == resumed
@@ -514,7 +494,7 @@ def test_streaming_order_two_ranks_see_the_global_batches_of_one(world):
     one, two = _order(world / "runs/stream-one"), _order(world / "runs/stream-two")
     for step in range(6):
         assert sorted(one[one.step == step].sample_id) == sorted(two[two.step == step].sample_id)
-    a, b = _losses(world / "runs/stream-one"), _losses(world / "runs/stream-two")
+    a, b = losses(world / "runs/stream-one"), losses(world / "runs/stream-two")
     assert sorted(a) == sorted(b) == list(range(6))
     for k in a:
         assert abs(a[k] - b[k]) < 1e-4, (k, a[k], b[k])

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from helpers import losses, random_samples, tiny_tokenizer, write_phase
 
 from ettin.config import DataConfig, ObjectiveConfig, load_config
 from ettin.data import build_dataloader, read_order, write_order
 from ettin.data.order import SKIP_FILE, BatchSchedule, DataOrder
 from ettin.data.replay import export_order
-from ettin.data.testing import random_samples, tiny_tokenizer, write_phase
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = 60
@@ -78,15 +78,6 @@ def _cfg(world: Path, run: str, objective: str, *extra: str):
             *extra,
         ],
     )
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    rows = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if "loss/train/total" in row:
-            rows[row["batch"]] = row["loss/train/total"]
-    return rows
 
 
 def _rules_applied(tok, raw, encoder: bool) -> list[int]:
@@ -180,7 +171,7 @@ def test_resume_mid_file_is_exact(world):
         trainer.fit()
     trainer.close()
     train(cfg)
-    straight, resumed = _losses(world / "runs/file-straight"), _losses(world / "runs/file-killed")
+    straight, resumed = losses(world / "runs/file-straight"), losses(world / "runs/file-killed")
     assert sorted(resumed) == list(range(10))
     assert all(resumed[k] == straight[k] for k in range(10)), (straight, resumed)
     a = read_order(world / "runs/file-straight/data_order.parquet")
@@ -369,7 +360,7 @@ def test_rewind_with_skip_file_resumes_like_a_run_that_skipped(world):
     trainer.close()
     (Path(cfg.run_dir) / SKIP_FILE).write_text(json.dumps([[5, 8]]))
     train(cfg)
-    straight, rewound = _losses(world / "runs/skip-straight"), _losses(world / "runs/skip-rewind")
+    straight, rewound = losses(world / "runs/skip-straight"), losses(world / "runs/skip-rewind")
     assert sorted(rewound) == list(range(9))
     assert all(rewound[k] == straight[k] for k in range(9)), (straight, rewound)
     a = read_order(world / "runs/skip-straight/data_order.parquet")

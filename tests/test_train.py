@@ -16,41 +16,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import losses, write_world
 
 from ettin.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = 60
-
-
-def _samples(tok, n: int, seed: int) -> list[np.ndarray]:
-    """Counting sequences with random starts: easy to learn for both objectives."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        start, length = rng.integers(0, WORDS), rng.integers(12, 40)
-        words = (start + np.arange(length)) % WORDS
-        out.append(
-            np.concatenate([[tok.cls_token_id], words, [tok.sep_token_id]]).astype(np.uint32)
-        )
-    return out
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """A tiny tokenizer directory and a prepared `pretrain` phase of learnable samples."""
-    from ettin.data.testing import tiny_tokenizer, write_phase
-
-    root = tmp_path_factory.mktemp("train")
-    tok = tiny_tokenizer(num_words=WORDS)
-    tok.save_pretrained(root / "tokenizer")
-    for i, phase in enumerate(("pretrain", "extension", "decay")):
-        write_phase(
-            root / "data" / phase,
-            tok,
-            {"train": _samples(tok, 400, 2 * i), "val": _samples(tok, 48, 2 * i + 1)},
-        )
-    return root
+    """A tiny tokenizer directory and three prepared phases of learnable samples."""
+    return write_world(tmp_path_factory.mktemp("train"), ("pretrain", "extension", "decay"))
 
 
 def _cfg(world: Path, run: str, objective: str, *extra: str):
@@ -68,15 +44,6 @@ def _cfg(world: Path, run: str, objective: str, *extra: str):
             *extra,
         ],
     )
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    rows: dict[int, float] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if "loss/train/total" in row:
-            rows[row["batch"]] = row["loss/train/total"]
-    return rows
 
 
 def _metrics(run_dir: Path) -> dict[str, float]:
@@ -102,10 +69,10 @@ def test_tiny_run_learns_evaluates_and_exports(world, objective):
     )
     train(cfg)
     run = Path(cfg.run_dir)
-    losses = _losses(run)
+    curve = losses(run)
     first, last = (
-        np.mean([losses[k] for k in sorted(losses)[:3]]),
-        np.mean([losses[k] for k in sorted(losses)[-3:]]),
+        np.mean([curve[k] for k in sorted(curve)[:3]]),
+        np.mean([curve[k] for k in sorted(curve)[-3:]]),
     )
     assert last < 0.75 * first, (first, last)
     metrics = _metrics(run)
@@ -143,7 +110,7 @@ def test_microbatching_equals_one_big_batch(world):
             "callbacks.export_hf=false",
         )
     )
-    a, b = _losses(world / "runs/mb8"), _losses(world / "runs/mb2")
+    a, b = losses(world / "runs/mb8"), losses(world / "runs/mb2")
     assert sorted(a) == sorted(b) == [0, 1, 2, 3]
     for k in a:
         assert abs(a[k] - b[k]) < 1e-5, (k, a[k], b[k])
@@ -170,7 +137,7 @@ def test_resume_after_kill_reproduces_losses(world):
     trainer.close()
     assert not (Path(cfg.run_dir) / "DONE").exists()
     train(cfg)  # autoresume from the step-5 checkpoint
-    straight, resumed = _losses(world / "runs/straight"), _losses(world / "runs/killed")
+    straight, resumed = losses(world / "runs/straight"), losses(world / "runs/killed")
     assert sorted(resumed) == list(range(10))
     for k in range(10):
         assert resumed[k] == straight[k], (k, resumed[k], straight[k])
@@ -197,7 +164,7 @@ def test_two_ranks_match_one(world):
     cmd += [str(ROOT / "yamls/tiny/encoder.yaml"), *overrides]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    one, two = _losses(world / "runs/one-rank"), _losses(world / "runs/two-ranks")
+    one, two = losses(world / "runs/one-rank"), losses(world / "runs/two-ranks")
     assert sorted(one) == sorted(two) == list(range(6))
     for k in one:
         assert abs(one[k] - two[k]) < 1e-5, (k, one[k], two[k])
@@ -275,7 +242,7 @@ def test_recipe_chain_runs_every_stage_from_its_predecessor(world, capsys):
     }
     for s in stages:
         _, info = read_checkpoint(final[s.cfg.run_name])
-        assert min(_losses(Path(s.cfg.run_dir))) == 0  # time restarts: weights only
+        assert min(losses(Path(s.cfg.run_dir))) == 0  # time restarts: weights only
         if s.cfg.run_name not in expected:
             assert info.lineage == {}  # from scratch
             continue

@@ -7,43 +7,31 @@
 - `loader`: `build_dataloader(...) -> composer DataSpec`, with exact resumption.
 """
 
-from ettin.data.collate import Collator, MaskSpec, batch_sample_ids, pack, packing_efficiency
-from ettin.data.dataset import DataError, SampleRules, TokenDataset
-from ettin.data.loader import EvalSampler, OrderSampler, TrainDataset, build_dataloader
-from ettin.data.order import BatchSchedule, DataOrder, build_order, permutation, rank_slice
-from ettin.data.replay import (
-    AuditReport,
-    OrderTokens,
-    Replay,
-    audit,
-    export_order,
-    read_order,
-    write_order,
-)
+import importlib
 
-__all__ = [
-    "AuditReport",
-    "BatchSchedule",
-    "Collator",
-    "DataError",
-    "DataOrder",
-    "EvalSampler",
-    "MaskSpec",
-    "OrderSampler",
-    "OrderTokens",
-    "Replay",
-    "SampleRules",
-    "TokenDataset",
-    "TrainDataset",
-    "audit",
-    "batch_sample_ids",
-    "build_dataloader",
-    "build_order",
-    "export_order",
-    "pack",
-    "packing_efficiency",
-    "permutation",
-    "rank_slice",
-    "read_order",
-    "write_order",
-]
+# Names -> the module that defines them. Loaded on first use (PEP 562), so that `ettin --help`
+# and the data subcommands' `--help` need not import torch, Composer or Streaming.
+_NAMES = {
+    "collate": ("Collator", "MaskSpec", "batch_sample_ids", "pack", "packing_efficiency"),
+    "dataset": ("DataError", "SampleRules", "TokenDataset"),
+    "loader": ("EvalSampler", "OrderSampler", "TrainDataset", "build_dataloader"),
+    "order": ("BatchSchedule", "DataOrder", "build_order", "permutation", "rank_slice"),
+    "replay": (
+        "AuditReport",
+        "OrderTokens",
+        "Replay",
+        "audit",
+        "export_order",
+        "read_order",
+        "write_order",
+    ),
+}
+_MODULE_OF = {name: module for module, names in _NAMES.items() for name in names}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name in _MODULE_OF:
+        return getattr(importlib.import_module(f"ettin.data.{_MODULE_OF[name]}"), name)
+    raise AttributeError(f"module 'ettin.data' has no attribute {name!r}")

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-COLUMNS = {"input_ids": "ndarray:uint32", "source": "str", "id": "str"}
+from ettin.prep.pipeline import MDS_COLUMNS as COLUMNS
+from ettin.prep.pipeline import SHARD_HASHES
 
 
 def tiny_tokenizer(num_words: int = 60, num_unused: int = 3) -> Any:
@@ -86,7 +87,7 @@ def write_split(
     split_dir = Path(split_dir)
     cols = columns or COLUMNS
     with MDSWriter(
-        out=str(split_dir), columns=cols, size_limit=size_limit, hashes=["sha1", "xxh64"]
+        out=str(split_dir), columns=cols, size_limit=size_limit, hashes=SHARD_HASHES
     ) as writer:
         for i, ids in enumerate(samples):
             value = (
@@ -119,7 +120,7 @@ def write_phase(
 
 
 def tiny_composer_model(vocab_size: int) -> Any:
-    """A 2-parameter-tensor ComposerModel that trains on any CONTRACTS.md batch (data-path tests)."""
+    """A 2-parameter-tensor ComposerModel that trains on any batch (data-path tests)."""
     import torch
     from composer.models import ComposerModel
 
@@ -137,3 +138,58 @@ def tiny_composer_model(vocab_size: int) -> Any:
             return outputs.pow(2)
 
     return _Tiny()
+
+
+# ---------------------------------------------------------------- tiny Composer runs
+
+WORDS = 60
+"""Words of the tiny tokenizer used by the run tests (`counting_samples`, `write_world`)."""
+
+
+def counting_samples(tok: Any, n: int, seed: int, words: int = WORDS) -> list[np.ndarray]:
+    """`[CLS] k k+1 k+2 ... [SEP]` with random starts and lengths: learnable by both objectives."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        start, length = rng.integers(0, words), rng.integers(12, 40)
+        body = (start + np.arange(length)) % words
+        out.append(np.concatenate([[tok.cls_token_id], body, [tok.sep_token_id]]).astype(np.uint32))
+    return out
+
+
+def write_world(root: Path, phases: Sequence[str] = ("pretrain",)) -> Path:
+    """`root/tokenizer` (the tiny tokenizer) and `root/data/<phase>` prepared phases of counting
+    samples (400 train, 48 val each): what the tiny run files need (`data_root`, `tokenizer`)."""
+    tok = tiny_tokenizer(num_words=WORDS)
+    tok.save_pretrained(root / "tokenizer")
+    for i, phase in enumerate(phases):
+        splits = {
+            "train": counting_samples(tok, 400, 2 * i),
+            "val": counting_samples(tok, 48, 2 * i + 1),
+        }
+        write_phase(root / "data" / phase, tok, splits)
+    return root
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> training loss from a run's metrics.jsonl (each step must be logged once)."""
+    out: dict[int, float] = {}
+    for row in metric_rows(run_dir):
+        if "loss/train/total" in row:
+            assert row["batch"] not in out, f"step {row['batch']} logged twice"
+            out[row["batch"]] = row["loss/train/total"]
+    return out
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a launcher's --master_port)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
