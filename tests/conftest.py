@@ -25,3 +25,12 @@ def sotu_dir() -> Path:
     from ettin.prep.corpus import fetch_sotu
 
     return fetch_sotu()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """A tiny tokenizer and three prepared phases of learnable samples (`helpers.write_world`),
+    one per test module; runs go to `world/runs/<name>` (`helpers.tiny_config`)."""
+    from helpers import write_world
+
+    return write_world(tmp_path_factory.mktemp("world"), ("pretrain", "extension", "decay"))

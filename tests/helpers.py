@@ -193,3 +193,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def tiny_config(world: Path, run: str, objective: str, *extra: str) -> Any:
+    """The tiny run file (yamls/tiny/encoder.yaml) on a `write_world` folder: 48-token samples,
+    no dropout, the run in `world/runs/<run>`; `extra` overrides go last."""
+    from ettin.config import load_config
+
+    repo = Path(__file__).resolve().parents[1]
+    return load_config(
+        repo / "yamls/tiny/encoder.yaml",
+        [
+            f"objective={objective}",
+            f"tokenizer={world / 'tokenizer'}",
+            f"data_root={world / 'data'}",
+            f"run_dir={world / 'runs' / run}",
+            f"run_name={run}",
+            "data.max_seq_len=48",
+            "model.attn_out_dropout=0.0",
+            "logging.console_interval=100ba",
+            *extra,
+        ],
+    )

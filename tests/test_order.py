@@ -289,11 +289,8 @@ def test_cli_export_replay_audit(phase, tok, tmp_path, capsys):
 
 def test_two_rank_composer_run_matches_single_process(phase, tmp_path):
     """`composer -n 2`: per-step batches of two ranks, and a resumed 2-rank run's recorded order."""
-    sys.path.insert(0, str(REPO / "tests"))
-    try:
-        import dist_order_check as check
-    finally:
-        sys.path.pop(0)
+    import dist_order_check as check  # tests/ is on sys.path (pytest's rootdir rule)
+
     out = tmp_path / "out"
     out.mkdir()
     composer = Path(sys.executable).with_name("composer")

@@ -9,11 +9,11 @@ FlexBertConfig. Tiny shapes, no download.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import losses, tiny_config
 
 from ettin.interop.reference import (
     ReferenceError,
@@ -23,12 +23,6 @@ from ettin.interop.reference import (
     reference_model_args,
 )
 from ettin.model import EttinModel, ModelArgs
-
-sys.path.insert(0, str(Path(__file__).parent))
-import test_train  # noqa: E402
-from test_train import _cfg, _losses  # noqa: E402
-
-world = test_train.world  # the tiny tokenizer + prepared phases fixture, shared
 
 L, H, INTER, HEADS, V = 4, 64, 96, 4, 72
 
@@ -364,11 +358,11 @@ def test_resume_into_continues_the_reference_run_exactly(world, tmp_path, object
     from ettin.train import train
 
     common = ("max_duration=5ba", "save_interval=3ba", "callbacks.export_hf=false")
-    straight = _cfg(world, f"ref-straight-{objective}", objective, *common)
+    straight = tiny_config(world, f"ref-straight-{objective}", objective, *common)
     train(straight)
     ours = torch.load(Path(straight.run_dir) / "checkpoints/ep0-ba3-rank0.pt", weights_only=False)
     torch.save(_to_reference(ours, objective == "clm"), tmp_path / "ref.pt")
-    resumed = _cfg(world, f"ref-resumed-{objective}", objective, *common)
+    resumed = tiny_config(world, f"ref-resumed-{objective}", objective, *common)
     main(
         [
             "import",
@@ -392,7 +386,7 @@ def test_resume_into_continues_the_reference_run_exactly(world, tmp_path, object
     latest = Path(resumed.run_dir) / "checkpoints/latest-rank0.pt"
     assert latest.resolve().name == "ep0-ba3-rank0.pt"
     train(resumed)
-    a, b = _losses(Path(straight.run_dir)), _losses(Path(resumed.run_dir))
+    a, b = losses(Path(straight.run_dir)), losses(Path(resumed.run_dir))
     assert sorted(b) == [3, 4] and all(a[k] == b[k] for k in b), (a, b)
     imported = torch.load(latest.parent / "ep0-ba3-rank0.pt", weights_only=False)["state"]
     assert imported["callbacks"]["RunInfo"]["lineage"]["resumed_from_reference"] == str(

@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-import test_train  # noqa: E402
-from test_train import _cfg, _losses  # noqa: E402
-
-world = test_train.world  # the tiny tokenizer + prepared phases fixture, shared
+from helpers import losses, tiny_config
 
 
 def test_step0_checkpoint_export_all_and_resume_from_step0(world, tmp_path):
@@ -30,7 +24,7 @@ def test_step0_checkpoint_export_all_and_resume_from_step0(world, tmp_path):
         "scheduler.t_warmup=0ba",
         "callbacks.export_hf=false",
     )
-    cfg = _cfg(world, "step0", "mlm", "save_step0=true", *extra)
+    cfg = tiny_config(world, "step0", "mlm", "save_step0=true", *extra)
     train(cfg)
     folder = Path(cfg.run_dir) / "checkpoints"
     assert [p.name for p in run_checkpoints(folder)] == [f"ep0-ba{b}-rank0.pt" for b in (0, 1, 2)]
@@ -53,9 +47,9 @@ def test_step0_checkpoint_export_all_and_resume_from_step0(world, tmp_path):
     for p in run_checkpoints(folder)[1:]:
         p.unlink()
     (Path(cfg.run_dir) / "DONE").unlink()
-    before = _losses(Path(cfg.run_dir))
-    train(_cfg(world, "step0", "mlm", "save_step0=true", *extra))
-    assert _losses(Path(cfg.run_dir)) == before
+    before = losses(Path(cfg.run_dir))
+    train(tiny_config(world, "step0", "mlm", "save_step0=true", *extra))
+    assert losses(Path(cfg.run_dir)) == before
 
 
 def test_phase_and_model_of_a_run(tmp_path):
@@ -236,7 +230,7 @@ def test_real_run_stops_at_an_injected_spike_with_a_checkpoint(world, monkeypatc
         return loss * 50 if calls["n"] == 6 else loss  # step 6 (batch index 5), 1 microbatch
 
     monkeypatch.setattr(EttinComposerModel, "loss", spiky)
-    cfg = _cfg(
+    cfg = tiny_config(
         world,
         "spike",
         "mlm",
@@ -252,5 +246,5 @@ def test_real_run_stops_at_an_injected_spike_with_a_checkpoint(world, monkeypatc
     assert (run / "checkpoints" / "ep0-ba6-rank0.pt").exists()
     assert (run / "checkpoints" / "latest-rank0.pt").resolve().name == "ep0-ba6-rank0.pt"
     assert not (run / "DONE").exists() and not (run / "hf").exists()
-    assert max(_losses(run)) == 5
+    assert max(losses(run)) == 5
     assert json.loads((run / "loss_spike.json").read_text())[0]["step"] == 5

@@ -16,34 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import losses, write_world
-
-from ettin.config import load_config
+from helpers import losses, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A tiny tokenizer directory and three prepared phases of learnable samples."""
-    return write_world(tmp_path_factory.mktemp("train"), ("pretrain", "extension", "decay"))
-
-
-def _cfg(world: Path, run: str, objective: str, *extra: str):
-    return load_config(
-        ROOT / "yamls/tiny/encoder.yaml",
-        [
-            f"objective={objective}",
-            f"tokenizer={world / 'tokenizer'}",
-            f"data_root={world / 'data'}",
-            f"run_dir={world / 'runs' / run}",
-            f"run_name={run}",
-            "data.max_seq_len=48",
-            "model.attn_out_dropout=0.0",
-            "logging.console_interval=100ba",
-            *extra,
-        ],
-    )
 
 
 def _metrics(run_dir: Path) -> dict[str, float]:
@@ -59,7 +34,7 @@ def test_tiny_run_learns_evaluates_and_exports(world, objective):
 
     from ettin.train import train
 
-    cfg = _cfg(
+    cfg = tiny_config(
         world,
         f"learn-{objective}",
         objective,
@@ -91,7 +66,7 @@ def test_microbatching_equals_one_big_batch(world):
     from ettin.train import train
 
     train(
-        _cfg(
+        tiny_config(
             world,
             "mb8",
             "clm",
@@ -101,7 +76,7 @@ def test_microbatching_equals_one_big_batch(world):
         )
     )
     train(
-        _cfg(
+        tiny_config(
             world,
             "mb2",
             "clm",
@@ -122,14 +97,14 @@ def test_resume_after_kill_reproduces_losses(world):
     from ettin.train import build_trainer, train
 
     common = ("max_duration=10ba", "save_interval=5ba", "callbacks.export_hf=false")
-    train(_cfg(world, "straight", "mlm", *common))
+    train(tiny_config(world, "straight", "mlm", *common))
 
     class Kill(Callback):
         def batch_end(self, state, logger):
             if state.timestamp.batch.value == 7:
                 raise KeyboardInterrupt("simulated preemption")
 
-    cfg = _cfg(world, "killed", "mlm", *common)
+    cfg = tiny_config(world, "killed", "mlm", *common)
     trainer = build_trainer(cfg)
     trainer.state.callbacks.append(Kill())
     with pytest.raises(KeyboardInterrupt):
@@ -147,8 +122,8 @@ def test_two_ranks_match_one(world):
     from ettin.train import train
 
     extra = ("max_duration=6ba", "callbacks.export_hf=false", "eval_interval=100ba")
-    train(_cfg(world, "one-rank", "mlm", *extra))
-    cfg = _cfg(world, "two-ranks", "mlm", *extra)
+    train(tiny_config(world, "one-rank", "mlm", *extra))
+    cfg = tiny_config(world, "two-ranks", "mlm", *extra)
     overrides = [
         f"objective={cfg.objective.name}",
         f"tokenizer={cfg.tokenizer}",
@@ -174,13 +149,13 @@ def test_phase_transition_loads_weights_only(world):
     from ettin.checkpoint import read_checkpoint
     from ettin.train import train
 
-    src = _cfg(world, "phase1", "mlm", "max_duration=3ba", "callbacks.export_hf=false")
+    src = tiny_config(world, "phase1", "mlm", "max_duration=3ba", "callbacks.export_hf=false")
     train(src)
     ckpt = Path(src.run_dir) / "checkpoints" / "latest-rank0.pt"
     weights, info = read_checkpoint(ckpt)
     assert info.objective == "mlm"
     # Cross-objective: the decoder starts from the encoder's weights, with fresh time.
-    nxt = _cfg(world, "phase2", "clm", "max_duration=2ba", f"init_from={ckpt}")
+    nxt = tiny_config(world, "phase2", "clm", "max_duration=2ba", f"init_from={ckpt}")
     from ettin.train import build_trainer
 
     trainer = build_trainer(nxt)

@@ -10,11 +10,7 @@ and prints held-out accuracy before and after. `--out` saves the model, tokenize
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cli, offline_tasks, report, trainer_args  # noqa: E402
+from ettin.eval.downstream import cli, offline_tasks, report, trainer_args
 
 
 def run(

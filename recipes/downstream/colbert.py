@@ -10,11 +10,7 @@ after.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cli, report, retrieval_split, trainer_args, with_negatives  # noqa: E402
+from ettin.eval.downstream import cli, report, retrieval_split, trainer_args, with_negatives
 
 
 def run(

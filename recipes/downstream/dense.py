@@ -8,11 +8,7 @@ query, its second half the passage) and prints nDCG@10 on held-out speeches befo
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cli, report, retrieval_split, trainer_args  # noqa: E402
+from ettin.eval.downstream import cli, report, retrieval_split, trainer_args
 
 
 def run(

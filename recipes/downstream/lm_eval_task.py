@@ -11,12 +11,10 @@ own `HFLM` on the exported decoder. "Before" is the same architecture with fresh
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cli, offline_tasks, report  # noqa: E402
+from ettin.eval.downstream import cli, offline_tasks, report
 
 TASK = "sotu_next_sentence"
 TASK_YAML = f"""task: {TASK}

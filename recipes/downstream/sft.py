@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CHAT_TEMPLATE, report, retrieval_split, trainer_args  # noqa: E402
+from ettin.eval.downstream import report, retrieval_split, trainer_args
 
 
 def _rows(pairs, chat: bool) -> dict:
@@ -32,6 +30,10 @@ def _rows(pairs, chat: bool) -> dict:
             ]
         }
     return {"text": [f"{q} {p}" for q, p in pairs]}
+
+
+CHAT_TEMPLATE = Path(__file__).resolve().parent / "chat_template.jinja"
+"""A minimal chat template for SFT of a base Ettin decoder (base models ship none)."""
 
 
 def run(

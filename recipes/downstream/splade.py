@@ -10,11 +10,9 @@ held-out nDCG@10 before and after. Encoders only (SPLADE needs the masked-LM hea
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cli, report, retrieval_split, trainer_args  # noqa: E402
+from ettin.eval.downstream import cli, report, retrieval_split, trainer_args
 
 
 def run(

@@ -1,4 +1,5 @@
-"""Shared by the downstream recipes: command line, the offline tasks, and the printed figures.
+"""Shared by the downstream recipes (`recipes/downstream/*.py`): command line, the offline tasks,
+and the printed figures.
 
 Every recipe takes a model folder written by `ettin export` (or a Hub name such as
 `jhu-clsp/ettin-encoder-150m` where the Hub is reachable: the same code path) and uses the
@@ -12,10 +13,6 @@ import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
-
-HERE = Path(__file__).resolve().parent
-CHAT_TEMPLATE = HERE / "chat_template.jinja"
-"""A minimal chat template for SFT of a base Ettin decoder (base models ship none)."""
 
 
 def cli(description: str, run: Callable[..., dict[str, Any]], **defaults: Any) -> None:
