@@ -19,6 +19,7 @@ def run(
     out=None,
     corpus=None,
     seed: int = 0,
+    heldout=None,
 ) -> dict:
     from datasets import Dataset
     from sentence_transformers import (
@@ -29,7 +30,7 @@ def run(
     from sentence_transformers.evaluation import InformationRetrievalEvaluator
     from sentence_transformers.losses import MultipleNegativesRankingLoss
 
-    pairs, queries, passages, qrels = retrieval_split(corpus, limit)
+    pairs, queries, passages, qrels = retrieval_split(corpus, limit, heldout)
     st = SentenceTransformer(model)  # a bare HF model: Transformer + mean pooling
     st.max_seq_length = min(st.max_seq_length or 128, 128)
     relevant = {q: set(docs) for q, docs in qrels.items()}

