@@ -118,6 +118,7 @@ def test_key_overrides_and_interpolation():
         ("objective=nope", "Could not find 'objective/nope'"),
         ("objective.mlm_probability=1.5", "must be in (0, 1)"),
         ("optim.lr", "is not key=value"),
+        ("+compile_config={}", "set compile=true instead"),
     ],
 )
 def test_bad_overrides_name_the_problem(override, expected):
@@ -133,6 +134,19 @@ def test_unknown_key_in_a_yaml_file(tmp_path):
     (tree / "run.yaml").write_text("defaults:\n  - base\n  - _self_\noptim:\n  weight_decy: 0.1\n")
     with pytest.raises(ConfigError, match="did you mean 'optim.weight_decay'"):
         load_config(tree / "run.yaml")
+
+
+def test_whole_model_compile_cannot_be_one_graph():
+    """Why `compile_config` is refused: the unpadding's token count is data-dependent."""
+    from ettin.model import EttinModel
+    from ettin.model.sizes import model_args
+
+    torch._dynamo.reset()
+    model = torch.compile(EttinModel(model_args("demo")), backend="eager", fullgraph=True)
+    ids = torch.randint(5, 1000, (2, 16))
+    with pytest.raises(torch._dynamo.exc.Unsupported):
+        model(ids, torch.ones_like(ids), ids)
+    torch._dynamo.reset()
 
 
 def test_missing_file():

@@ -336,6 +336,17 @@ def _dataclass_in(hint: Any) -> type | None:
     return next((a for a in get_args(hint) if is_dataclass(a)), None)
 
 
+# Keys of other tools' configs that people carry over, refused with what to use instead.
+REFUSED_KEYS = {
+    "compile_config": (
+        "whole-model torch.compile (Composer's compile_config) is not supported: unpadding has "
+        "data-dependent shapes (the token count, cu_seqlens) that inductor cannot compile, so the "
+        "model would graph-break into eager pieces; set compile=true instead (each transformer "
+        "block compiled, see docs/architecture.md, 'The GPU path')"
+    ),
+}
+
+
 def unknown_key_message(full_key: str, schema: type | None = None) -> str:
     """'unknown config key X; did you mean Y? Valid keys under Z: ...' for a dotted key.
 
@@ -343,6 +354,8 @@ def unknown_key_message(full_key: str, schema: type | None = None) -> str:
     `phases`, `sources`, `mix`) takes the next part as a free name.
     """
     node: Any = schema or RunConfig
+    if node is RunConfig and full_key in REFUSED_KEYS:
+        return f"config key '{full_key}' is refused: {REFUSED_KEYS[full_key]}"
     parts = full_key.split(".")
     depth = 0
     while depth < len(parts):
