@@ -9,6 +9,7 @@ FlexBertConfig. Tiny shapes, no download.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -397,3 +398,83 @@ def test_resume_into_continues_the_reference_run_exactly(world, tmp_path, object
     assert (
         meta["timestamp"]["Timestamp"]["token"] == end["state"]["timestamp"]["Timestamp"]["token"]
     )
+
+
+def flexbert_logits(flex: dict[str, torch.Tensor], config: dict, ids: torch.Tensor) -> torch.Tensor:
+    """The reference decoder's forward (FlexBert prenorm, GLU, RoPE), written from its config and
+    tensors in float64 with a dense mask: global layers causal, local layers the reference's
+    flash window (w/2, w/2) + causal, i.e. keys i - w/2 ... i. One unpadded sequence (S,)."""
+    f = {k: v.double() for k, v in flex.items()}
+    d = config["hidden_size"] // config["num_attention_heads"]
+    heads, half = config["num_attention_heads"], config["sliding_window"] // 2
+    S = ids.shape[0]
+    i, j = torch.arange(S)[:, None], torch.arange(S)[None, :]
+    causal = j <= i
+    local = causal & (i - j <= half)
+
+    def ln(x, w):
+        return torch.nn.functional.layer_norm(x, (x.shape[-1],), w, None, 1e-5)
+
+    def rope(x, theta):  # (heads, S, d), rotate_half over the full head_dim
+        inv = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+        ang = torch.arange(S, dtype=torch.float64)[:, None] * inv[None]
+        cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+        x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+        return x * cos + torch.cat([-x2, x1], -1) * sin
+
+    x = ln(
+        f["model.bert.embeddings.tok_embeddings.weight"][ids],
+        f["model.bert.embeddings.norm.weight"],
+    )
+    for n in range(config["num_hidden_layers"]):
+        p = f"model.bert.encoder.layers.{n}."
+        is_global = n % config["global_attn_every_n_layers"] == 0
+        h = x if n == 0 else ln(x, f[p + "attn_norm.weight"])
+        q, k, v = (h @ f[p + "attn.Wqkv.weight"].T).view(S, 3, heads, d).permute(1, 2, 0, 3)
+        theta = config["rotary_emb_base"]
+        q, k = rope(q, theta), rope(k, theta)
+        scores = (q @ k.transpose(-1, -2)) / d**0.5
+        scores = scores.masked_fill(~(causal if is_global else local), float("-inf"))
+        attn = (scores.softmax(-1) @ v).permute(1, 0, 2).reshape(S, -1)
+        x = x + attn @ f[p + "attn.Wo.weight"].T
+        a, g = (ln(x, f[p + "mlp_norm.weight"]) @ f[p + "mlp.Wi.weight"].T).chunk(2, -1)
+        x = x + (torch.nn.functional.gelu(a) * g) @ f[p + "mlp.Wo.weight"].T
+    h = ln(x, f["model.bert.final_norm.weight"])
+    h = ln(
+        torch.nn.functional.gelu(h @ f["model.lm_head.dense.weight"].T),
+        f["model.lm_head.norm.weight"],
+    )
+    return h @ f["model.decoder.weight"].T + f["model.decoder.bias"]
+
+
+@pytest.mark.parametrize("attn_impl", ["torch", "flex"])
+def test_reference_decoder_imports_with_the_reference_window(tmp_path, attn_impl):
+    """`ettin import` of a reference-layout decoder computes the reference's logits (65 keys per
+    local query for sliding_window 128) to <= 1e-5 at every position, the ones >= 64 included,
+    where HF's 64-key window differs."""
+    from ettin.checkpoint import load_checkpoint
+    from ettin.cli import main
+
+    payload = reference_payload(True, seed=3)
+    for name, t in payload["state"]["model"].items():  # moderate logits: an absolute 1e-5 bites
+        if not name.endswith("norm.weight"):
+            t.mul_(0.5)
+    torch.save(payload, tmp_path / "ref.pt")
+    main(["import", str(tmp_path / "ref.pt"), str(tmp_path / "start.pt")])
+    model, info = load_checkpoint(tmp_path / "start.pt")
+    assert info.model_args.causal_window == "reference" and model.args.local_window == (64, 0)
+    model.eval().attn_impl = attn_impl
+    S = 150
+    ids = torch.randint(1, V, (S,), generator=torch.Generator().manual_seed(2))
+    config = payload["state"]["integrations"]["huggingface"]["model"]["config"]["content"]
+    want = flexbert_logits(payload["state"]["model"], config, ids)
+    with torch.no_grad():
+        got = model.padded_logits(ids[None], torch.ones(1, S, dtype=torch.long))[0].double()
+        hf_rule = EttinModel(dataclasses.replace(model.args, causal_window="hf"))
+        hf_rule.load_state_dict(model.state_dict())
+        other = hf_rule.eval().padded_logits(ids[None], torch.ones(1, S, dtype=torch.long))[0]
+    err = (got - want).abs().max(-1).values
+    print(f"max |ours - reference| {err.max():.2e} (logit scale {want.abs().max():.2f})")
+    assert want.abs().max() > 1.0 and err.max() <= 1e-5
+    assert (other.double()[:64] - want[:64]).abs().max() <= 1e-5  # the windows agree before 64
+    assert (other.double()[64:] - want[64:]).abs().max() > 1e-3  # and not after

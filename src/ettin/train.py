@@ -48,6 +48,7 @@ def build_model(cfg: RunConfig, tokenizer: Any):
         global_rope_theta=cfg.model.global_rope_theta,
         local_rope_theta=cfg.model.local_rope_theta,
         local_attention=cfg.model.local_attention,
+        causal_window=cfg.model.causal_window,
         attn_out_dropout=cfg.model.attn_out_dropout,
         pad_token_id=tokenizer.pad_token_id,
     )

@@ -231,6 +231,23 @@ def _load_tokenizer(tokenizer: TokenizerLike) -> PreTrainedTokenizerBase | None:
     return AutoTokenizer.from_pretrained(str(tokenizer))
 
 
+REFERENCE_WINDOW_KEY = "ettin_causal_window"
+"""config.json field of an exported decoder with the reference window (`ModelArgs.causal_window`)."""
+
+
+def hf_local_attention(args: ModelArgs) -> int:
+    """The HF `local_attention` that computes our local window.
+
+    HF 4.57.6's decoder uses `sliding_window = local_attention // 2` keys including the query
+    (mask `kv > q - sliding_window`; flash `window_size = (sliding_window - 1, ...)` + causal;
+    the cache keeps `sliding_window - 1` past keys): our "hf" rule. The reference rule sees one
+    key more, i - local_attention//2 <= j <= i, which is HF's rule for local_attention + 2.
+    """
+    if args.causal and args.causal_window == "reference":
+        return args.local_attention + 2
+    return args.local_attention
+
+
 def hf_config(
     args: ModelArgs,
     tokenizer: PreTrainedTokenizerBase | None = None,
@@ -277,7 +294,7 @@ def hf_config(
         norm_eps=args.norm_eps,
         global_rope_theta=args.global_rope_theta,
         local_rope_theta=args.local_rope_theta,
-        local_attention=args.local_attention,
+        local_attention=hf_local_attention(args),
         global_attn_every_n_layers=args.global_attn_every_n_layers,
         initializer_range=args.init_std,
         initializer_cutoff_factor=args.init_cutoff_factor,
@@ -289,6 +306,9 @@ def hf_config(
             layer_types=list(args.layer_types), architectures=["ModernBertDecoderForCausalLM"]
         )
         carried.pop("sliding_window", None)  # derived from local_attention
+        carried.pop(REFERENCE_WINDOW_KEY, None)
+        if args.causal_window == "reference":  # import restores local_attention and the rule
+            own[REFERENCE_WINDOW_KEY] = "reference"
         return ModernBertDecoderConfig(**{**carried, **common, **own})
     own = dict(reference_compile=False, architectures=["ModernBertForMaskedLM"])
     return ModernBertConfig(**{**carried, **common, **own})
@@ -345,7 +365,7 @@ def export_hf(
     if args.causal:  # HF omits local_attention, then re-derives sliding_window from 128 on load
         config_path = out / "config.json"
         saved = json.loads(config_path.read_text())
-        saved["local_attention"] = args.local_attention
+        saved["local_attention"] = hf_local_attention(args)
         config_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
@@ -375,6 +395,7 @@ def _args_from_hf(config: PretrainedConfig, raw: dict[str, Any], source: str) ->
                 f"{source}: {field}={getattr(config, field)!r} is not supported (Ettin models use {value!r})"
             )
     causal = config.model_type == "modernbert-decoder"
+    window = "hf"
     every_n = config.global_attn_every_n_layers
     local_theta = (
         config.local_rope_theta if config.local_rope_theta is not None else config.global_rope_theta
@@ -386,6 +407,9 @@ def _args_from_hf(config: PretrainedConfig, raw: dict[str, Any], source: str) ->
                 f"{source}: layer_types {config.layer_types} is not 'global iff layer % n == 0' for any n"
             )
         local_attention = raw.get("local_attention") or 2 * raw.get("sliding_window", 64)
+        if raw.get(REFERENCE_WINDOW_KEY) == "reference":  # our export of the reference window
+            local_attention -= 2
+            window = "reference"
         if local_theta != config.global_rope_theta:
             warnings.warn(
                 f"{source}: local_rope_theta={local_theta} is ignored by HF ModernBertDecoder, which applies "
@@ -404,6 +428,7 @@ def _args_from_hf(config: PretrainedConfig, raw: dict[str, Any], source: str) ->
         causal=causal,
         global_attn_every_n_layers=every_n,
         local_attention=local_attention,
+        causal_window=window,
         global_rope_theta=config.global_rope_theta,
         local_rope_theta=local_theta,
         norm_eps=config.norm_eps,

@@ -201,6 +201,8 @@ def reference_model_args(
             causal=causal,
             global_attn_every_n_layers=int(every_n),
             local_attention=int(window),
+            # flash (w/2, w/2) + causal: one key more than HF's decoder rule (ModelArgs docs)
+            causal_window="reference" if causal else "hf",
             global_rope_theta=global_theta,
             local_rope_theta=local_theta,
             norm_eps=float(norm.get("eps", config.get("norm_eps", 1e-5))),
