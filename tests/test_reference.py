@@ -18,12 +18,12 @@ from helpers import losses, tiny_config
 
 from ettin.interop.reference import (
     ReferenceError,
-    check_fits_run,
     ettin_name,
     read_reference,
     reference_model_args,
 )
 from ettin.model import EttinModel, ModelArgs
+from ettin.resume import check_fits_run
 
 L, H, INTER, HEADS, V = 4, 64, 96, 4, 72
 
@@ -358,8 +358,15 @@ def test_resume_into_continues_the_reference_run_exactly(world, tmp_path, object
     from ettin.cli import main
     from ettin.train import train
 
-    common = ("max_duration=5ba", "save_interval=3ba", "callbacks.export_hf=false")
-    straight = tiny_config(world, f"ref-straight-{objective}", objective, *common)
+    common = (
+        "max_duration=5ba",
+        "save_interval=3ba",
+        "callbacks.export_hf=false",
+        "model.local_attention=16",  # the 48-token samples exceed the window: the rule matters
+    )
+    # the reference trains decoders with its own window (65 keys for 128, here 9 for 16)
+    window = ("model.causal_window=reference",) if objective == "clm" else ()
+    straight = tiny_config(world, f"ref-straight-{objective}", objective, *common, *window)
     train(straight)
     ours = torch.load(Path(straight.run_dir) / "checkpoints/ep0-ba3-rank0.pt", weights_only=False)
     torch.save(_to_reference(ours, objective == "clm"), tmp_path / "ref.pt")
@@ -386,6 +393,12 @@ def test_resume_into_continues_the_reference_run_exactly(world, tmp_path, object
     )
     latest = Path(resumed.run_dir) / "checkpoints/latest-rank0.pt"
     assert latest.resolve().name == "ep0-ba3-rank0.pt"
+    if objective == "clm":  # resuming with HF's window would change every local layer
+        from ettin.config import ConfigError
+
+        with pytest.raises(ConfigError, match="trained with model.causal_window=reference"):
+            train(resumed)
+        resumed = tiny_config(world, f"ref-resumed-{objective}", objective, *common, *window)
     train(resumed)
     a, b = losses(Path(straight.run_dir)), losses(Path(resumed.run_dir))
     assert sorted(b) == [3, 4] and all(a[k] == b[k] for k in b), (a, b)
@@ -478,3 +491,70 @@ def test_reference_decoder_imports_with_the_reference_window(tmp_path, attn_impl
     assert want.abs().max() > 1.0 and err.max() <= 1e-5
     assert (other.double()[:64] - want[:64]).abs().max() <= 1e-5  # the windows agree before 64
     assert (other.double()[64:] - want[64:]).abs().max() > 1e-3  # and not after
+
+
+def test_bert24_optimizer_state_maps_into_optimi_and_says_what_is_dropped(tmp_path):
+    """bert24's StableAdamW keeps exp_avg, exp_avg_sq, eps_sq and kahan_comp per parameter and
+    the step per group: the moments and step land in torch-optimi's state; a Kahan buffer is
+    folded into the fp32 weight; eps_sq comes from our eps and differences are warned."""
+    from ettin.config import OptimConfig
+    from ettin.interop.reference import load_optimizer_state
+    from ettin.optim import build_optimizer
+
+    payload = reference_payload(False, step=9)
+    model_state = payload["state"]["model"]
+    opt = payload["state"]["optimizers"]["StableAdamW"]
+    wi = "model.bert.encoder.layers.2.mlp.Wi.weight"
+    comp = 1e-3 * torch.randn(model_state[wi].shape, generator=torch.Generator().manual_seed(5))
+    for key, entry in opt["state"].items():
+        entry["eps_sq"] = torch.tensor(1e-12)
+        entry["kahan_comp"] = comp if key == wi else None
+    opt["state"][wi]["eps_sq"] = torch.tensor(1e-10)  # as if trained with eps 1e-5
+    for g in opt["param_groups"]:
+        g.update(beta1=0.9, beta2=0.95, eps=1e-6, decouple_lr=True)
+    ref = read_reference(tmp_path / "x.pt", payload=payload)
+    assert ref.optimizer_notes == ["kahan_comp"]
+    assert torch.equal(ref.state["model.layers.2.mlp.Wi.weight"], model_state[wi] + comp)
+    model = EttinModel(ref.model_args)
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-3, weight_decay=1e-5))
+    with pytest.warns(UserWarning) as caught:
+        step = load_optimizer_state(optimizer, model, ref)
+    said = str(caught[0].message)
+    assert "kahan_comp (folded" in said and "beta2 0.95 (ours 0.98" in said
+    assert "model.layers.2.mlp.Wi.weight eps_sq 1e-10 (ours 1e-12)" in said
+    assert "beta1" not in said  # what agrees is not reported
+    assert step == 9
+    params = dict(model.named_parameters())
+    state = optimizer.state[params["model.layers.2.mlp.Wi.weight"]]
+    assert torch.equal(state["exp_avg"], opt["state"][wi]["exp_avg"])
+    assert torch.equal(state["exp_avg_sq"], opt["state"][wi]["exp_avg_sq"])
+    assert state["kahan_comp"] is None and float(state["eps_sq"]) == pytest.approx(1e-12)
+    assert all(int(g["step"]) == 9 for g in optimizer.param_groups)
+
+
+def test_checkpoint_room_knows_no_format_and_no_trainer():
+    """`ettin.checkpoint` imports neither `ettin.interop` nor `ettin.train` (module or function
+    level), and the formats never import the training layer; only `ettin.resume` joins them."""
+    import ast
+    import subprocess
+    import sys
+
+    src = Path(__file__).resolve().parents[1] / "src/ettin"
+
+    def imported(path: Path) -> set[str]:
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+            elif isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+        return names
+
+    assert not {
+        m for m in imported(src / "checkpoint.py") if m.startswith(("ettin.interop", "ettin.train"))
+    }
+    for path in (src / "interop").glob("*.py"):
+        assert not {m for m in imported(path) if m.startswith(("ettin.train", "ettin.resume"))}
+    code = "import sys, ettin.checkpoint; print(sorted(m for m in sys.modules if m.startswith('ettin')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "ettin.interop" not in out.stdout and "ettin.train" not in out.stdout, out.stdout

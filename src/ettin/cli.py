@@ -108,10 +108,11 @@ def cmd_publish(args: argparse.Namespace) -> None:
 
 def _import_reference(args: argparse.Namespace) -> None:
     """`ettin import ref.pt OUT.pt` or `ettin import ref.pt --resume-into RUN_DIR --config F`."""
-    from ettin.interop.reference import read_reference, resume_into, write_tokenizer
+    from ettin.interop.reference import read_reference, write_tokenizer
 
     if args.resume_into:
         from ettin.config import load_config, to_run_config
+        from ettin.resume import resume_into
 
         run_dir = Path(args.resume_into)
         overrides = [*args.set, f"run_dir={run_dir}"]
@@ -129,10 +130,15 @@ def _import_reference(args: argparse.Namespace) -> None:
                 f"--resume-into {run_dir}: pass --config RUN.yaml (the run file you will resume "
                 "with, e.g. yamls/encoder-150m.yaml) so the data, batch size and optimizer match"
             )
-        path = resume_into(args.source, cfg, weights_only=args.weights_only)
+        path, cfg = resume_into(args.source, cfg, weights_only=args.weights_only)
+        window = (
+            f" model.causal_window={cfg.model.causal_window}"
+            if cfg.model.causal_window != "hf"
+            else ""
+        )
         print(
             f"wrote {path}; continue the reference run with the same config and "
-            f"run_dir={run_dir} (autoresume starts at its batch)"
+            f"run_dir={run_dir}{window} (autoresume starts at its batch)"
         )
         return
     if args.out is None:

@@ -21,7 +21,7 @@ from ettin.checkpoint import (
     read_checkpoint,
     state_digest,
 )
-from ettin.config import RunConfig, load_config, to_yaml
+from ettin.config import ConfigError, RunConfig, load_config, to_yaml
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,18 @@ def build_trainer(cfg: RunConfig):
         from ettin.callbacks.loss_spike import SaveStep0
 
         callbacks.append(SaveStep0())
-    if cfg.callbacks.export_hf:
+    args = model.args
+    if cfg.callbacks.export_hf and args.causal and args.local_rope_theta != args.global_rope_theta:
+        log.warning(
+            "no HF export at the end of %s: its decoder has local_rope_theta=%g and "
+            "global_rope_theta=%g, and HF ModernBertDecoder (transformers 4.57) applies the "
+            "global theta in every layer; export anyway with `ettin export CHECKPOINT OUT "
+            "--allow-rope-mismatch`",
+            cfg.run_name,
+            args.local_rope_theta,
+            args.global_rope_theta,
+        )
+    elif cfg.callbacks.export_hf:
         callbacks.append(
             HFExport(
                 run_dir / "hf",
@@ -259,6 +270,8 @@ def build_trainer(cfg: RunConfig):
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
 
     save_args, resume = _checkpoint_args(cfg, run_dir, rank)
+    if resume is not None:
+        check_resumed_window(resume, model.args)
     trainer = Trainer(
         run_name=cfg.run_name,
         model=composer_model,
@@ -315,6 +328,21 @@ def _checkpoint_args(cfg: RunConfig, run_dir: Path, rank: int) -> tuple[dict, Re
         "autoresume": cfg.autoresume,
     }
     return args, resume
+
+
+def check_resumed_window(resume: ResumePoint, args: Any) -> None:
+    """Refuse to autoresume a checkpoint trained with another decoder window than the run's.
+
+    A reference decoder continued with `ettin import --resume-into` trains with the reference's
+    window (`model.causal_window=reference`); resuming it with the HF rule would silently change
+    what every local layer sees.
+    """
+    theirs = resume.model_args.get("causal_window", "hf")
+    if args.causal and resume.checkpoint is not None and theirs != args.causal_window:
+        raise ConfigError(
+            f"{resume.checkpoint} was trained with model.causal_window={theirs} but this run says "
+            f"model.causal_window={args.causal_window}; resume with model.causal_window={theirs}"
+        )
 
 
 def _finished(trainer: Any) -> bool:

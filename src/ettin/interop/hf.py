@@ -30,6 +30,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from ettin.checkpoint import load_state_dict_strict
 from ettin.model import EttinModel, ModelArgs
 
 __all__ = [
@@ -195,27 +196,7 @@ def load_hf_state_dict(model: EttinModel, state: dict[str, Tensor]) -> None:
 
     A missing `decoder.weight` is fine (it is tied to the embedding and HF does not save it).
     """
-    state = _to_ettin_names(state)
-    expected = model.state_dict()
-    for name, tensor in expected.items():
-        if name in state and state[name].shape != tensor.shape:
-            raise ValueError(
-                f"state dict does not fit this model (another size?): first mismatched tensor {name!r} "
-                f"expected shape {tuple(tensor.shape)}, found {tuple(state[name].shape)}"
-            )
-    missing = [n for n in expected if n not in state and n != "decoder.weight"]
-    unexpected = [n for n in state if n not in expected]
-    if missing or unexpected:
-        raise ValueError(
-            f"state dict does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]} "
-            "(biases or other extra tensors are not part of the Ettin architecture)"
-        )
-    embedding = state["model.embeddings.tok_embeddings.weight"]
-    if "decoder.weight" in state and not torch.equal(state["decoder.weight"], embedding):
-        raise ValueError(
-            "decoder.weight differs from the token embedding; untied output layers are unsupported"
-        )
-    model.load_state_dict({**state, "decoder.weight": embedding}, strict=True)
+    load_state_dict_strict(model, _to_ettin_names(state))
 
 
 def from_hf_state_dict(state: dict[str, Tensor], args: ModelArgs) -> EttinModel:
