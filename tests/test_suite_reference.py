@@ -144,3 +144,26 @@ def test_resume_into_accepts_the_reference_decay_theta(tmp_path, run, local):
         causal_window="reference",  # what --resume-into sets for a reference decoder
     )
     check_fits_run(ref, run_args, f"the run {run}")
+
+
+def test_decoder_hf_cannot_represent_skips_the_end_of_run_export(world, caplog):
+    """A decoder with local theta != global theta (decoder-17m-decay, as the reference) trains,
+    but its end-of-run HF export is skipped with the reason (HF's decoder would compute another
+    model); an encoder with the same thetas still exports."""
+    from helpers import tiny_config
+
+    from ettin.callbacks import HFExport
+    from ettin.train import build_trainer
+
+    thetas = ("model.global_rope_theta=160000", "model.local_rope_theta=10000")
+    for objective, exported in (("clm", False), ("mlm", True)):
+        cfg = tiny_config(world, f"theta-{objective}", objective, *thetas)
+        with caplog.at_level("WARNING", logger="ettin.train"):
+            trainer = build_trainer(cfg)
+        try:
+            found = any(isinstance(c, HFExport) for c in trainer.state.callbacks)
+        finally:
+            trainer.close()
+        assert found is exported
+    assert "no HF export at the end of theta-clm" in caplog.text
+    assert "theta-mlm" not in caplog.text

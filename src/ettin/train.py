@@ -337,8 +337,10 @@ def check_resumed_window(resume: ResumePoint, args: Any) -> None:
     window (`model.causal_window=reference`); resuming it with the HF rule would silently change
     what every local layer sees.
     """
-    theirs = resume.model_args.get("causal_window", "hf")
-    if args.causal and resume.checkpoint is not None and theirs != args.causal_window:
+    if not resume.model_args or resume.checkpoint is None:  # nothing recorded (sharded)
+        return
+    theirs = resume.model_args.get("causal_window", "hf")  # older checkpoints: HF's rule
+    if args.causal and theirs != args.causal_window:
         raise ConfigError(
             f"{resume.checkpoint} was trained with model.causal_window={theirs} but this run says "
             f"model.causal_window={args.causal_window}; resume with model.causal_window={theirs}"
