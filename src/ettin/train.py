@@ -74,6 +74,16 @@ def init_from_checkpoint(model, path: str) -> CheckpointInfo:
             info.objective,
             "clm" if model.args.causal else "mlm",
         )
+    elif model.args.causal and info.model_args.local_window != model.args.local_window:
+        log.warning(
+            "%s was trained with the decoder window %s (model.causal_window=%s); this run trains "
+            "with %s (model.causal_window=%s)",
+            path,
+            info.model_args.local_window,
+            info.model_args.causal_window,
+            model.args.local_window,
+            model.args.causal_window,
+        )
     return info
 
 
