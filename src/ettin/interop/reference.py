@@ -436,10 +436,9 @@ def load_optimizer_state(optimizer, model, ref: ReferenceCheckpoint) -> int:
                     f"{ref.source}: {moved[:3]} are in another weight-decay group in the reference "
                     "optimizer than in ours; the parameter groups differ"
                 )
-            ours = {**group, "beta1": group.get("beta1"), "beta2": group.get("beta2")}
-            for key in _GROUP_CHECKED:
-                if key in theirs_group and ours.get(key) is not None:
-                    a, b = theirs_group[key], ours[key]
+            for key in _GROUP_CHECKED:  # optimi's group keys: beta1, beta2, eps, ...
+                if key in theirs_group and group.get(key) is not None:
+                    a, b = theirs_group[key], group[key]
                     if (float(a) != float(b)) if isinstance(a, int | float) else a != b:
                         said.append(f"group {gi} {key} {a} (ours {b}, from the run config)")
         steps = {ref.steps[n] for n in names}
