@@ -3,7 +3,9 @@
 A Composer checkpoint (`runs/<run>/checkpoints/*.pt`) holds the full training state; the
 `RunInfo` callback stores beside it what is needed to rebuild the model without the config
 (model args, objective, tokenizer). An ettin file (`ettin import` output) holds the same
-metadata and a bare state dict. Both load into an `EttinModel` with `load_checkpoint`.
+metadata and a bare state dict. Both load into an `EttinModel` with `load_checkpoint`. Foreign
+Composer checkpoints (the reference training's) are read through a format registry
+(`register_format`): the format module registers its converter; this module imports no format.
 
 Crash safety (`prepare_resume`). Composer writes `ep{e}-ba{b}-rank{r}.pt` in place and then
 repoints the `latest-rank{r}.pt` symlink, so a kill or a full disk can leave a partial file (which
