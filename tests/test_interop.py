@@ -380,3 +380,43 @@ def test_foreign_model_keeps_its_config_through_import_and_export(tmp_path):
     original = ModernBertForMaskedLM.from_pretrained(tmp_path / "foreign").state_dict()
     exported = ModernBertForMaskedLM.from_pretrained(tmp_path / "back").state_dict()
     assert all(torch.equal(original[k], exported[k]) for k in original)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_reference_window_decoder_exports_exactly(tmp_path, attn):
+    """A decoder with the reference's causal window (self + local_attention//2 previous keys)
+    exports as HF local_attention + 2, which HF's decoder runs as exactly that window; the
+    logits match ours, also in greedy generation with HF's sliding cache, and import restores
+    the rule. The same weights with HF's window differ past the window (the test can fail)."""
+    model = tiny_model(causal=True, causal_window="reference")
+    path = export_hf(model, tmp_path / "ref")
+    saved = json.loads((path / "config.json").read_text())
+    assert saved["local_attention"] == LOCAL + 2 and saved["ettin_causal_window"] == "reference"
+    hf, _, _ = load_hf(path, causal=True, attn=attn)
+    assert hf.config.sliding_window == LOCAL // 2 + 1
+    ids, mask = padded_batch()
+    real = mask.bool()
+    with torch.no_grad():
+        ours = model.padded_logits(ids, mask)
+        theirs = hf(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        other = tiny_model(causal=True).padded_logits(ids, mask)  # same weights, HF's window
+    assert (ours - theirs)[real].abs().max().item() <= 1e-4
+    assert (ours - other)[real].abs().max().item() > 1e-3
+    prompt = ids[:1, :10]
+    with torch.no_grad():
+        generated = hf.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=20,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+        loop = prompt
+        for _ in range(20):
+            next_id = model.padded_logits(loop, torch.ones_like(loop))[0, -1].argmax()
+            loop = torch.cat([loop, next_id.view(1, 1)], dim=1)
+    assert generated.tolist() == loop.tolist()
+    back, _ = import_hf(path, local_files_only=True)
+    assert (back.args.local_attention, back.args.causal_window) == (LOCAL, "reference")
+    assert back.args.local_window == model.args.local_window == (LOCAL // 2, 0)

@@ -178,24 +178,32 @@ def test_causality(causal):
         assert prefix_diff > 1e-3
 
 
-def one_local_layer(causal: bool, local_attention: int) -> EttinModel:
+def one_local_layer(causal: bool, local_attention: int, **overrides) -> EttinModel:
     """A single local-attention block: build layers [global, local] and keep only the local one."""
     model = tiny(
-        causal, num_layers=2, global_attn_every_n_layers=2, local_attention=local_attention
+        causal,
+        num_layers=2,
+        global_attn_every_n_layers=2,
+        local_attention=local_attention,
+        **overrides,
     )
     model.model.layers = model.model.layers[1:]
     return model
 
 
+@pytest.mark.parametrize("attn_impl", ["torch", "flex"])
 @pytest.mark.parametrize(
-    "causal, visible, hidden",
+    "causal, rule, visible, hidden",
     [
-        (False, [70 - 64, 70, 70 + 64], [70 - 65, 70 + 65]),  # |i - j| <= 64: 129 keys
-        (True, [70 - 63, 70], [70 - 64, 71]),  # i - 64 < j <= i: 64 keys incl. self (HF rule)
+        (False, "hf", [70 - 64, 70, 70 + 64], [70 - 65, 70 + 65]),  # |i - j| <= 64: 129 keys
+        (False, "reference", [70 - 64, 70, 70 + 64], [70 - 65, 70 + 65]),  # the same rule
+        (True, "hf", [70 - 63, 70], [70 - 64, 71]),  # i - 64 < j <= i: 64 keys incl. self
+        (True, "reference", [70 - 64, 70], [70 - 65, 71]),  # i - 64 <= j <= i: 65 keys
     ],
 )
-def test_local_window_edges(causal, visible, hidden):
-    model = one_local_layer(causal, local_attention=128)
+def test_local_window_edges(causal, rule, visible, hidden, attn_impl):
+    model = one_local_layer(causal, local_attention=128, causal_window=rule)
+    model.attn_impl = attn_impl
     ids, mask = batch([140])
     query = 70
     with torch.no_grad():

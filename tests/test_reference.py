@@ -9,6 +9,7 @@ FlexBertConfig. Tiny shapes, no download.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -17,12 +18,12 @@ from helpers import losses, tiny_config
 
 from ettin.interop.reference import (
     ReferenceError,
-    check_fits_run,
     ettin_name,
     read_reference,
     reference_model_args,
 )
 from ettin.model import EttinModel, ModelArgs
+from ettin.resume import check_fits_run
 
 L, H, INTER, HEADS, V = 4, 64, 96, 4, 72
 
@@ -357,8 +358,15 @@ def test_resume_into_continues_the_reference_run_exactly(world, tmp_path, object
     from ettin.cli import main
     from ettin.train import train
 
-    common = ("max_duration=5ba", "save_interval=3ba", "callbacks.export_hf=false")
-    straight = tiny_config(world, f"ref-straight-{objective}", objective, *common)
+    common = (
+        "max_duration=5ba",
+        "save_interval=3ba",
+        "callbacks.export_hf=false",
+        "model.local_attention=16",  # the 48-token samples exceed the window: the rule matters
+    )
+    # the reference trains decoders with its own window (65 keys for 128, here 9 for 16)
+    window = ("model.causal_window=reference",) if objective == "clm" else ()
+    straight = tiny_config(world, f"ref-straight-{objective}", objective, *common, *window)
     train(straight)
     ours = torch.load(Path(straight.run_dir) / "checkpoints/ep0-ba3-rank0.pt", weights_only=False)
     torch.save(_to_reference(ours, objective == "clm"), tmp_path / "ref.pt")
@@ -385,6 +393,12 @@ def test_resume_into_continues_the_reference_run_exactly(world, tmp_path, object
     )
     latest = Path(resumed.run_dir) / "checkpoints/latest-rank0.pt"
     assert latest.resolve().name == "ep0-ba3-rank0.pt"
+    if objective == "clm":  # resuming with HF's window would change every local layer
+        from ettin.config import ConfigError
+
+        with pytest.raises(ConfigError, match="trained with model.causal_window=reference"):
+            train(resumed)
+        resumed = tiny_config(world, f"ref-resumed-{objective}", objective, *common, *window)
     train(resumed)
     a, b = losses(Path(straight.run_dir)), losses(Path(resumed.run_dir))
     assert sorted(b) == [3, 4] and all(a[k] == b[k] for k in b), (a, b)
@@ -397,3 +411,150 @@ def test_resume_into_continues_the_reference_run_exactly(world, tmp_path, object
     assert (
         meta["timestamp"]["Timestamp"]["token"] == end["state"]["timestamp"]["Timestamp"]["token"]
     )
+
+
+def flexbert_logits(flex: dict[str, torch.Tensor], config: dict, ids: torch.Tensor) -> torch.Tensor:
+    """The reference decoder's forward (FlexBert prenorm, GLU, RoPE), written from its config and
+    tensors in float64 with a dense mask: global layers causal, local layers the reference's
+    flash window (w/2, w/2) + causal, i.e. keys i - w/2 ... i. One unpadded sequence (S,)."""
+    f = {k: v.double() for k, v in flex.items()}
+    d = config["hidden_size"] // config["num_attention_heads"]
+    heads, half = config["num_attention_heads"], config["sliding_window"] // 2
+    S = ids.shape[0]
+    i, j = torch.arange(S)[:, None], torch.arange(S)[None, :]
+    causal = j <= i
+    local = causal & (i - j <= half)
+
+    def ln(x, w):
+        return torch.nn.functional.layer_norm(x, (x.shape[-1],), w, None, 1e-5)
+
+    def rope(x, theta):  # (heads, S, d), rotate_half over the full head_dim
+        inv = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+        ang = torch.arange(S, dtype=torch.float64)[:, None] * inv[None]
+        cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+        x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+        return x * cos + torch.cat([-x2, x1], -1) * sin
+
+    x = ln(
+        f["model.bert.embeddings.tok_embeddings.weight"][ids],
+        f["model.bert.embeddings.norm.weight"],
+    )
+    for n in range(config["num_hidden_layers"]):
+        p = f"model.bert.encoder.layers.{n}."
+        is_global = n % config["global_attn_every_n_layers"] == 0
+        h = x if n == 0 else ln(x, f[p + "attn_norm.weight"])
+        q, k, v = (h @ f[p + "attn.Wqkv.weight"].T).view(S, 3, heads, d).permute(1, 2, 0, 3)
+        theta = config["rotary_emb_base"]
+        q, k = rope(q, theta), rope(k, theta)
+        scores = (q @ k.transpose(-1, -2)) / d**0.5
+        scores = scores.masked_fill(~(causal if is_global else local), float("-inf"))
+        attn = (scores.softmax(-1) @ v).permute(1, 0, 2).reshape(S, -1)
+        x = x + attn @ f[p + "attn.Wo.weight"].T
+        a, g = (ln(x, f[p + "mlp_norm.weight"]) @ f[p + "mlp.Wi.weight"].T).chunk(2, -1)
+        x = x + (torch.nn.functional.gelu(a) * g) @ f[p + "mlp.Wo.weight"].T
+    h = ln(x, f["model.bert.final_norm.weight"])
+    h = ln(
+        torch.nn.functional.gelu(h @ f["model.lm_head.dense.weight"].T),
+        f["model.lm_head.norm.weight"],
+    )
+    return h @ f["model.decoder.weight"].T + f["model.decoder.bias"]
+
+
+@pytest.mark.parametrize("attn_impl", ["torch", "flex"])
+def test_reference_decoder_imports_with_the_reference_window(tmp_path, attn_impl):
+    """`ettin import` of a reference-layout decoder computes the reference's logits (65 keys per
+    local query for sliding_window 128) to <= 1e-5 at every position, the ones >= 64 included,
+    where HF's 64-key window differs."""
+    from ettin.checkpoint import load_checkpoint
+    from ettin.cli import main
+
+    payload = reference_payload(True, seed=3)
+    for name, t in payload["state"]["model"].items():  # moderate logits: an absolute 1e-5 bites
+        if not name.endswith("norm.weight"):
+            t.mul_(0.5)
+    torch.save(payload, tmp_path / "ref.pt")
+    main(["import", str(tmp_path / "ref.pt"), str(tmp_path / "start.pt")])
+    model, info = load_checkpoint(tmp_path / "start.pt")
+    assert info.model_args.causal_window == "reference" and model.args.local_window == (64, 0)
+    model.eval().attn_impl = attn_impl
+    S = 150
+    ids = torch.randint(1, V, (S,), generator=torch.Generator().manual_seed(2))
+    config = payload["state"]["integrations"]["huggingface"]["model"]["config"]["content"]
+    want = flexbert_logits(payload["state"]["model"], config, ids)
+    with torch.no_grad():
+        got = model.padded_logits(ids[None], torch.ones(1, S, dtype=torch.long))[0].double()
+        hf_rule = EttinModel(dataclasses.replace(model.args, causal_window="hf"))
+        hf_rule.load_state_dict(model.state_dict())
+        other = hf_rule.eval().padded_logits(ids[None], torch.ones(1, S, dtype=torch.long))[0]
+    err = (got - want).abs().max(-1).values
+    print(f"max |ours - reference| {err.max():.2e} (logit scale {want.abs().max():.2f})")
+    assert want.abs().max() > 1.0 and err.max() <= 1e-5
+    assert (other.double()[:64] - want[:64]).abs().max() <= 1e-5  # the windows agree before 64
+    assert (other.double()[64:] - want[64:]).abs().max() > 1e-3  # and not after
+
+
+def test_bert24_optimizer_state_maps_into_optimi_and_says_what_is_dropped(tmp_path):
+    """bert24's StableAdamW keeps exp_avg, exp_avg_sq, eps_sq and kahan_comp per parameter and
+    the step per group: the moments and step land in torch-optimi's state; a Kahan buffer is
+    folded into the fp32 weight; eps_sq comes from our eps and differences are warned."""
+    from ettin.config import OptimConfig
+    from ettin.interop.reference import load_optimizer_state
+    from ettin.optim import build_optimizer
+
+    payload = reference_payload(False, step=9)
+    model_state = payload["state"]["model"]
+    opt = payload["state"]["optimizers"]["StableAdamW"]
+    wi = "model.bert.encoder.layers.2.mlp.Wi.weight"
+    comp = 1e-3 * torch.randn(model_state[wi].shape, generator=torch.Generator().manual_seed(5))
+    for key, entry in opt["state"].items():
+        entry["eps_sq"] = torch.tensor(1e-12)
+        entry["kahan_comp"] = comp if key == wi else None
+    opt["state"][wi]["eps_sq"] = torch.tensor(1e-10)  # as if trained with eps 1e-5
+    for g in opt["param_groups"]:
+        g.update(beta1=0.9, beta2=0.95, eps=1e-6, decouple_lr=True)
+    ref = read_reference(tmp_path / "x.pt", payload=payload)
+    assert ref.optimizer_notes == ["kahan_comp"]
+    assert torch.equal(ref.state["model.layers.2.mlp.Wi.weight"], model_state[wi] + comp)
+    model = EttinModel(ref.model_args)
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-3, weight_decay=1e-5))
+    with pytest.warns(UserWarning) as caught:
+        step = load_optimizer_state(optimizer, model, ref)
+    said = str(caught[0].message)
+    assert "kahan_comp (folded" in said and "beta2 0.95 (ours 0.98" in said
+    assert "model.layers.2.mlp.Wi.weight eps_sq 1e-10 (ours 1e-12)" in said
+    assert "beta1" not in said  # what agrees is not reported
+    assert step == 9
+    params = dict(model.named_parameters())
+    state = optimizer.state[params["model.layers.2.mlp.Wi.weight"]]
+    assert torch.equal(state["exp_avg"], opt["state"][wi]["exp_avg"])
+    assert torch.equal(state["exp_avg_sq"], opt["state"][wi]["exp_avg_sq"])
+    assert state["kahan_comp"] is None and float(state["eps_sq"]) == pytest.approx(1e-12)
+    assert all(int(g["step"]) == 9 for g in optimizer.param_groups)
+
+
+def test_checkpoint_room_knows_no_format_and_no_trainer():
+    """`ettin.checkpoint` imports neither `ettin.interop` nor `ettin.train` (module or function
+    level), and the formats never import the training layer; only `ettin.resume` joins them."""
+    import ast
+    import subprocess
+    import sys
+
+    src = Path(__file__).resolve().parents[1] / "src/ettin"
+
+    def imported(path: Path) -> set[str]:
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+            elif isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+        return names
+
+    assert not {
+        m for m in imported(src / "checkpoint.py") if m.startswith(("ettin.interop", "ettin.train"))
+    }
+    for path in (src / "interop").glob("*.py"):
+        assert not {m for m in imported(path) if m.startswith(("ettin.train", "ettin.resume"))}
+    code = "import sys, ettin.checkpoint; print(sorted(m for m in sys.modules if m.startswith('ettin')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "ettin.interop" not in out.stdout and "ettin.train" not in out.stdout, out.stdout

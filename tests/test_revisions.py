@@ -70,8 +70,8 @@ def test_phase_and_model_of_a_run(tmp_path):
     assert model_name("encoder-17m-extension") == model_name("encoder-17m-decay") == "encoder-17m"
 
 
-def test_publish_pushes_each_revision_as_a_branch(tmp_path):
-    from ettin.interop.revisions import publish, write_index
+def _revision_folders(tmp_path: Path) -> Path:
+    from ettin.interop.revisions import write_index
 
     out = tmp_path / "revs"
     index = {}
@@ -81,13 +81,72 @@ def test_publish_pushes_each_revision_as_a_branch(tmp_path):
         phase = "extension" if rev.startswith("ext") else "pretrain"
         index[rev] = {"revision": rev, "phase": phase, "batch": i, "tokens": 10 * i, "run": "r"}
     write_index(out, index)
-    calls = []
+    return out
 
-    class Api:
-        def __getattr__(self, name):
-            return lambda **kw: calls.append((name, kw))
 
-    pushed = publish(out, "me/ettin-test", api=Api(), main="ext5")
+class _Api:
+    """Records HfApi calls; an upload returns a commit (like huggingface_hub's CommitInfo)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        def call(**kw):
+            self.calls.append((name, kw))
+            return SimpleNamespace(oid=f"commit{len(self.calls)}")
+
+        return call
+
+    def check_signatures(self):  # huggingface_hub's real HfApi has these keywords
+        import inspect
+
+        from huggingface_hub import HfApi
+
+        for name, kw in self.calls:
+            assert set(kw) <= set(inspect.signature(getattr(HfApi, name)).parameters), name
+
+
+def test_publish_tags_each_revision_like_the_release(tmp_path):
+    """The default: one commit per revision on main holding only that folder, tagged."""
+    from ettin.cli import main as cli
+    from ettin.interop.revisions import publish
+
+    out = _revision_folders(tmp_path)
+    api = _Api()
+    pushed = publish(out, "me/ettin-test", api=api)
+    assert pushed == ["step0", "step10", "ext5"]
+    calls = api.calls
+    assert not [n for n, _ in calls if n == "create_branch"]
+    uploads = [(i, kw) for i, (n, kw) in enumerate(calls) if n == "upload_folder"]
+    tags = [(i, kw) for i, (n, kw) in enumerate(calls) if n == "create_tag"]
+    assert [kw["tag"] for _, kw in tags] == pushed
+    for (i, up), (j, tag), rev in zip(uploads, tags, pushed):
+        assert Path(up["folder_path"]).name == rev and up.get("revision") is None  # to main
+        assert up["delete_patterns"] == "*"  # the commit holds exactly this revision
+        assert j == i + 1 and tag["revision"] == f"commit{i + 1}"  # the tag is that commit
+    assert calls[-1][0] == "upload_file" and calls[-1][1]["path_in_repo"] == "revisions.json"
+    api.check_signatures()
+    # the CLI: tags by default, --no-tags for branches
+    import ettin.interop.revisions as revisions
+
+    seen = []
+    original = revisions.publish
+    try:
+        revisions.publish = lambda *a, **kw: seen.append(kw["tags"]) or []
+        cli(["publish", str(out), "me/x"])
+        cli(["publish", str(out), "me/x", "--no-tags"])
+    finally:
+        revisions.publish = original
+    assert seen == [True, False]
+
+
+def test_publish_pushes_each_revision_as_a_branch(tmp_path):
+    from ettin.interop.revisions import publish
+
+    out = _revision_folders(tmp_path)
+    api = _Api()
+    calls = api.calls
+    pushed = publish(out, "me/ettin-test", api=api, main="ext5", tags=False)
     assert pushed == ["step0", "step10", "ext5"]  # phase order, then batch
     names = [c[0] for c in calls]
     assert names[0] == "create_repo" and calls[0][1]["exist_ok"] is True
@@ -100,13 +159,7 @@ def test_publish_pushes_each_revision_as_a_branch(tmp_path):
     assert branches == pushed
     assert uploads == [("step0", "step0"), ("step10", "step10"), ("ext5", "ext5"), ("ext5", None)]
     assert [kw["path_in_repo"] for n, kw in calls if n == "upload_file"] == ["revisions.json"]
-    # huggingface_hub's real HfApi has these methods with these keywords
-    import inspect
-
-    from huggingface_hub import HfApi
-
-    for name, kw in calls:
-        assert set(kw) <= set(inspect.signature(getattr(HfApi, name)).parameters), name
+    api.check_signatures()
 
 
 def test_import_repo_at_revision_reaches_from_pretrained(tmp_path, monkeypatch):
@@ -124,6 +177,10 @@ def test_import_repo_at_revision_reaches_from_pretrained(tmp_path, monkeypatch):
     assert split_revision("org/m", "ext10") == ("org/m", "ext10")
     with pytest.raises(ValueError, match="--revision says"):
         split_revision("org/m@a", "b")
+    # a local clone: from_pretrained would ignore the tag and load the checked-out files
+    (tmp_path / "clone").mkdir()
+    with pytest.raises(ValueError, match="ignores a revision.*git -C .*clone checkout decay100"):
+        split_revision(f"{tmp_path / 'clone'}@decay100")
     local = tmp_path / "hf-model"
     export_hf(EttinModel(model_args("test", vocab_size=72)), local)
     seen = []

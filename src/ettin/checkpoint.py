@@ -3,7 +3,9 @@
 A Composer checkpoint (`runs/<run>/checkpoints/*.pt`) holds the full training state; the
 `RunInfo` callback stores beside it what is needed to rebuild the model without the config
 (model args, objective, tokenizer). An ettin file (`ettin import` output) holds the same
-metadata and a bare state dict. Both load into an `EttinModel` with `load_checkpoint`.
+metadata and a bare state dict. Both load into an `EttinModel` with `load_checkpoint`. Foreign
+Composer checkpoints (the reference training's) are read through a format registry
+(`register_format`): the format module registers its converter; this module imports no format.
 
 Crash safety (`prepare_resume`). Composer writes `ep{e}-ba{b}-rank{r}.pt` in place and then
 repoints the `latest-rank{r}.pt` symlink, so a kill or a full disk can leave a partial file (which
@@ -22,6 +24,7 @@ import logging
 import os
 import re
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +48,29 @@ _CHECKPOINT_RE = re.compile(r"^ep(\d+)-ba(\d+)-rank(\d+)\.pt$")
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used for the requested model."""
+
+
+@dataclass(frozen=True)
+class CheckpointFormat:
+    """A foreign Composer checkpoint layout that `read_checkpoint` can convert to ours.
+
+    The converters live with the format (e.g. `ettin.interop.reference`, which registers the
+    reference training's layout when it is imported); this module knows only the registry.
+    """
+
+    name: str
+    recognises: Callable[[dict[str, Any]], bool]
+    """Whether a Composer `state` is in this format."""
+    convert: Callable[[dict[str, Any], str], tuple[dict[str, torch.Tensor], dict[str, Any]]]
+    """(loaded payload, source) -> (our state dict, RunInfo-style metadata)."""
+
+
+_FORMATS: dict[str, CheckpointFormat] = {}
+
+
+def register_format(fmt: CheckpointFormat) -> None:
+    """Let `read_checkpoint` accept Composer checkpoints in `fmt` (registering again replaces)."""
+    _FORMATS[fmt.name] = fmt
 
 
 @dataclass
@@ -198,6 +224,8 @@ class ResumePoint:
     """Its Composer timestamp (`batch`, `sample`, `token`, `epoch`, ...)."""
     moved: list[Path] = field(default_factory=list)
     """Partial or unreadable files moved into `incomplete/` (their new paths)."""
+    model_args: dict[str, Any] = field(default_factory=dict)
+    """The `ModelArgs` fields its `RunInfo` recorded (empty for a sharded checkpoint)."""
 
     @property
     def batch(self) -> int:
@@ -260,13 +288,15 @@ def prepare_resume(folder: str | os.PathLike, rank: int = 0) -> ResumePoint:
             stamp = stamp.get("Timestamp", stamp) if isinstance(stamp, dict) else {}
             point.timestamp = dict(stamp)
             point.checkpoint = newest
+            run_info = (state.get("callbacks") or {}).get("RunInfo") or {}
+            point.model_args = dict(run_info.get("model_args") or {})
             break
         except CheckpointError as err:
             point.moved.append(_move_aside(newest, str(err)))
             good.pop()
     for batch, path in sharded_checkpoints(folder, point.moved):
         if point.checkpoint is None or batch > point.batch:
-            point.checkpoint, point.timestamp = path, {"batch": batch}
+            point.checkpoint, point.timestamp, point.model_args = path, {"batch": batch}, {}
     if folder.is_dir():
         _point_latest(folder, point.checkpoint, rank)
     if point.checkpoint is not None:
@@ -334,14 +364,13 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], C
         meta, state = payload, payload["state_dict"]
     elif isinstance(payload, dict) and "state" in payload and "model" in payload["state"]:
         meta = payload["state"].get("callbacks", {}).get("RunInfo")
-        from ettin.interop.reference import is_reference_state, reference_weights
-
-        if not meta and is_reference_state(payload["state"]):
-            # A checkpoint of the reference training (FlexBert names): ettin.interop.reference.
-            state, meta = reference_weights(payload, str(path))
+        foreign = [f for f in _FORMATS.values() if not meta and f.recognises(payload["state"])]
+        if foreign:  # e.g. the reference training's FlexBert names (ettin.interop.reference)
+            state, meta = foreign[0].convert(payload, str(path))
         elif not meta:
+            known = f" nor a {' or '.join(_FORMATS)} checkpoint" if _FORMATS else ""
             raise CheckpointError(
-                f"{path} is a Composer checkpoint without ettin RunInfo metadata; "
+                f"{path} is a Composer checkpoint without ettin RunInfo metadata{known}; "
                 "it was not written by ettin's trainer"
             )
         else:
@@ -363,14 +392,39 @@ def load_weights(
     model: EttinModel, state: dict[str, torch.Tensor], *, source: str = "checkpoint"
 ) -> None:
     """Copy `state` into `model`, naming the first missing, unexpected or mis-shaped tensor."""
-    from ettin.interop import load_hf_state_dict  # our names are the HF encoder names
-
     try:
-        load_hf_state_dict(model, state)
+        load_state_dict_strict(model, state)
     except ValueError as err:
         raise CheckpointError(
             f"{source}: {err}. Use a checkpoint of the same size (model.size) as this run."
         ) from err
+
+
+def load_state_dict_strict(model: EttinModel, state: dict[str, torch.Tensor]) -> None:
+    """Load a state dict under our names into `model`, or say exactly what differs (ValueError).
+
+    A missing `decoder.weight` is fine (it is tied to the embedding; HF does not save it).
+    """
+    expected = model.state_dict()
+    for name, tensor in expected.items():
+        if name in state and state[name].shape != tensor.shape:
+            raise ValueError(
+                f"state dict does not fit this model (another size?): first mismatched tensor {name!r} "
+                f"expected shape {tuple(tensor.shape)}, found {tuple(state[name].shape)}"
+            )
+    missing = [n for n in expected if n not in state and n != "decoder.weight"]
+    unexpected = [n for n in state if n not in expected]
+    if missing or unexpected:
+        raise ValueError(
+            f"state dict does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]} "
+            "(biases or other extra tensors are not part of the Ettin architecture)"
+        )
+    embedding = state["model.embeddings.tok_embeddings.weight"]
+    if "decoder.weight" in state and not torch.equal(state["decoder.weight"], embedding):
+        raise ValueError(
+            "decoder.weight differs from the token embedding; untied output layers are unsupported"
+        )
+    model.load_state_dict({**state, "decoder.weight": embedding}, strict=True)
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[EttinModel, CheckpointInfo]:

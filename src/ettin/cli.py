@@ -102,16 +102,18 @@ def _export_all(args: argparse.Namespace) -> None:
 def cmd_publish(args: argparse.Namespace) -> None:
     from ettin.interop.revisions import publish
 
-    pushed = publish(args.out_dir, args.repo, private=args.private, main=args.main)
-    print(f"pushed {len(pushed)} revisions to {args.repo}: {', '.join(pushed)}")
+    pushed = publish(args.out_dir, args.repo, private=args.private, main=args.main, tags=args.tags)
+    kind = "tags" if args.tags else "branches"
+    print(f"pushed {len(pushed)} revisions to {args.repo} as {kind}: {', '.join(pushed)}")
 
 
 def _import_reference(args: argparse.Namespace) -> None:
     """`ettin import ref.pt OUT.pt` or `ettin import ref.pt --resume-into RUN_DIR --config F`."""
-    from ettin.interop.reference import read_reference, resume_into, write_tokenizer
+    from ettin.interop.reference import read_reference, write_tokenizer
 
     if args.resume_into:
         from ettin.config import load_config, to_run_config
+        from ettin.resume import resume_into
 
         run_dir = Path(args.resume_into)
         overrides = [*args.set, f"run_dir={run_dir}"]
@@ -129,10 +131,15 @@ def _import_reference(args: argparse.Namespace) -> None:
                 f"--resume-into {run_dir}: pass --config RUN.yaml (the run file you will resume "
                 "with, e.g. yamls/encoder-150m.yaml) so the data, batch size and optimizer match"
             )
-        path = resume_into(args.source, cfg, weights_only=args.weights_only)
+        path, cfg = resume_into(args.source, cfg, weights_only=args.weights_only)
+        window = (
+            f" model.causal_window={cfg.model.causal_window}"
+            if cfg.model.causal_window != "hf"
+            else ""
+        )
         print(
             f"wrote {path}; continue the reference run with the same config and "
-            f"run_dir={run_dir} (autoresume starts at its batch)"
+            f"run_dir={run_dir}{window} (autoresume starts at its batch)"
         )
         return
     if args.out is None:
@@ -282,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "source",
         help="HF model directory, a Hub name such as jhu-clsp/ettin-encoder-150m (REPO@REV for "
-        "a revision, e.g. @step599525), or a reference Composer checkpoint (.pt)",
+        "a revision tag or branch, e.g. @step599525), or a reference Composer checkpoint (.pt, "
+        "e.g. downloaded from the model repo jhu-clsp/ettin-checkpoints)",
     )
     p.add_argument(
         "out",
@@ -290,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         help="output .pt file (start a run from it with init_from=...)",
     )
-    p.add_argument("--revision", help="Hub revision (branch/tag), same as REPO@REV")
+    p.add_argument("--revision", help="Hub revision (tag or branch), same as REPO@REV")
     p.add_argument(
         "--resume-into",
         help="reference .pt only: write a resumable checkpoint of our trainer into this run folder",
@@ -311,6 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("repo", help="Hub repo id, e.g. me/ettin-encoder-17m")
     p.add_argument("--private", action="store_true", help="create the repo private")
     p.add_argument("--main", help="also upload this revision to the main branch")
+    p.add_argument(
+        "--tags",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="each revision a git tag on a commit of main, as the Ettin release (default); "
+        "--no-tags: a branch per revision",
+    )
     p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser(

@@ -51,6 +51,10 @@ class ModelConfig:
     """RoPE base of the sliding-window layers."""
     local_attention: int = 128
     """Total sliding window of local layers (encoder: +-64; decoder: self + 63 previous)."""
+    causal_window: str = "hf"
+    """Decoder local window rule: hf (self + 63 previous for 128: what an HF export computes) or
+    reference (self + 64 previous: the reference training's window; set for a reference decoder
+    resumed with `ettin import --resume-into`). Encoders: no difference."""
     attn_out_dropout: float = 0.1
     """Dropout after the attention output projection (the reference's only dropout)."""
     attn_impl: str = "auto"
@@ -59,6 +63,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _choice("model.attn_impl", self.attn_impl, ("auto", "flash", "flex", "torch"))
+        _choice("model.causal_window", self.causal_window, ("hf", "reference"))
 
 
 @dataclass(kw_only=True)

@@ -1,8 +1,8 @@
 """The Ettin suite in one table: every run file and recipe of the suite is generated from here.
 
 What differs between the 48 runs of the suite is small: the size, the objective, the phase, the
-microbatch that fits a GPU at that size and context, and (for the 1B) the reference's shorter
-later phases. Everything else lives in the config groups (`yamls/size/`, `yamls/phase/`, ...).
+microbatch that fits a GPU at that size and context, (for the 1B) the reference's shorter later
+phases, and the reference's local RoPE theta where it is not the phase's. Everything else lives in the config groups (`yamls/size/`, `yamls/phase/`, ...).
 This module holds that table, derives run names and lineage (which run starts from which) in
 one place, and writes `yamls/<objective>-<size>[-<phase>].yaml`, `yamls/cross/*.yaml`,
 `recipes/ettin-<size>.yaml` and the table in `docs/recipe.md`:
@@ -43,8 +43,17 @@ OVERRIDES: dict[tuple[str, str], dict[str, str]] = {
         "max_duration": "16_666_666_667tok",
         "save_interval": "3_333_333_333tok",
         "scheduler.t_warmup": "1_000_000_000tok",
-        "scheduler.t_decay": "3_333_333_333tok",
+        "scheduler.t_decay": "3_333_000_000tok",  # as the reference's yaml writes it
     },
+}
+
+# Local RoPE theta where the reference's yamls differ from the phase group (160k after phase 1):
+# they set local_attn_rotary_emb_base 10000 for the 17m extension (both objectives) and for the
+# decoders' decay at 17m, 32m, 68m and 400m (docs/recipe.md, "The reference configs").
+LOCAL_ROPE_THETA: dict[tuple[str, str, str], float] = {
+    ("17m", "extension", "mlm"): 10000.0,
+    ("17m", "extension", "clm"): 10000.0,
+    **{(size, "decay", "clm"): 10000.0 for size in ("17m", "32m", "68m", "400m")},
 }
 
 
@@ -101,7 +110,10 @@ def run_file(objective: str, size: str, phase: str) -> tuple[Path, str]:
     if parent:
         lines.append(f"init_from: {init_from(parent)}")
     nested: dict[str, dict[str, str]] = {}
-    for key, value in OVERRIDES.get((size, phase), {}).items():
+    overrides = dict(OVERRIDES.get((size, phase), {}))
+    if (size, phase, objective) in LOCAL_ROPE_THETA:
+        overrides["model.local_rope_theta"] = f"{LOCAL_ROPE_THETA[size, phase, objective]:.1f}"
+    for key, value in overrides.items():
         if "." in key:
             group, sub = key.split(".", 1)
             nested.setdefault(group, {})[sub] = value

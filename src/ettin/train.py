@@ -21,7 +21,7 @@ from ettin.checkpoint import (
     read_checkpoint,
     state_digest,
 )
-from ettin.config import RunConfig, load_config, to_yaml
+from ettin.config import ConfigError, RunConfig, load_config, to_yaml
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ def build_model(cfg: RunConfig, tokenizer: Any):
         global_rope_theta=cfg.model.global_rope_theta,
         local_rope_theta=cfg.model.local_rope_theta,
         local_attention=cfg.model.local_attention,
+        causal_window=cfg.model.causal_window,
         attn_out_dropout=cfg.model.attn_out_dropout,
         pad_token_id=tokenizer.pad_token_id,
     )
@@ -72,6 +73,16 @@ def init_from_checkpoint(model, path: str) -> CheckpointInfo:
             "cross-objective start: %s weights -> %s",
             info.objective,
             "clm" if model.args.causal else "mlm",
+        )
+    elif model.args.causal and info.model_args.local_window != model.args.local_window:
+        log.warning(
+            "%s was trained with the decoder window %s (model.causal_window=%s); this run trains "
+            "with %s (model.causal_window=%s)",
+            path,
+            info.model_args.local_window,
+            info.model_args.causal_window,
+            model.args.local_window,
+            model.args.causal_window,
         )
     return info
 
@@ -223,7 +234,18 @@ def build_trainer(cfg: RunConfig):
         from ettin.callbacks.loss_spike import SaveStep0
 
         callbacks.append(SaveStep0())
-    if cfg.callbacks.export_hf:
+    args = model.args
+    if cfg.callbacks.export_hf and args.causal and args.local_rope_theta != args.global_rope_theta:
+        log.warning(
+            "no HF export at the end of %s: its decoder has local_rope_theta=%g and "
+            "global_rope_theta=%g, and HF ModernBertDecoder (transformers 4.57) applies the "
+            "global theta in every layer; export anyway with `ettin export CHECKPOINT OUT "
+            "--allow-rope-mismatch`",
+            cfg.run_name,
+            args.local_rope_theta,
+            args.global_rope_theta,
+        )
+    elif cfg.callbacks.export_hf:
         callbacks.append(
             HFExport(
                 run_dir / "hf",
@@ -258,6 +280,8 @@ def build_trainer(cfg: RunConfig):
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
 
     save_args, resume = _checkpoint_args(cfg, run_dir, rank)
+    if resume is not None:
+        check_resumed_window(resume, model.args)
     trainer = Trainer(
         run_name=cfg.run_name,
         model=composer_model,
@@ -314,6 +338,23 @@ def _checkpoint_args(cfg: RunConfig, run_dir: Path, rank: int) -> tuple[dict, Re
         "autoresume": cfg.autoresume,
     }
     return args, resume
+
+
+def check_resumed_window(resume: ResumePoint, args: Any) -> None:
+    """Refuse to autoresume a checkpoint trained with another decoder window than the run's.
+
+    A reference decoder continued with `ettin import --resume-into` trains with the reference's
+    window (`model.causal_window=reference`); resuming it with the HF rule would silently change
+    what every local layer sees.
+    """
+    if not resume.model_args or resume.checkpoint is None:  # nothing recorded (sharded)
+        return
+    theirs = resume.model_args.get("causal_window", "hf")  # older checkpoints: HF's rule
+    if args.causal and theirs != args.causal_window:
+        raise ConfigError(
+            f"{resume.checkpoint} was trained with model.causal_window={theirs} but this run says "
+            f"model.causal_window={args.causal_window}; resume with model.causal_window={theirs}"
+        )
 
 
 def _finished(trainer: Any) -> bool:

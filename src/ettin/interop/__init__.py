@@ -1,5 +1,11 @@
-"""Conversion to and from the Hugging Face ModernBERT formats."""
+"""Conversion to and from the Hugging Face ModernBERT formats and the reference checkpoints.
 
+Importing the package registers the reference training's checkpoint layout with
+`ettin.checkpoint` (`ettin.interop.reference.REFERENCE_FORMAT`), so `read_checkpoint` of any
+caller that uses the interop package accepts reference checkpoints.
+"""
+
+from ettin.interop import reference  # noqa: F401  (registers REFERENCE_FORMAT)
 from ettin.interop.hf import (
     check_tokenizer,
     export_hf,

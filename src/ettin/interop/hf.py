@@ -30,6 +30,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from ettin.checkpoint import load_state_dict_strict
 from ettin.model import EttinModel, ModelArgs
 
 __all__ = [
@@ -195,27 +196,7 @@ def load_hf_state_dict(model: EttinModel, state: dict[str, Tensor]) -> None:
 
     A missing `decoder.weight` is fine (it is tied to the embedding and HF does not save it).
     """
-    state = _to_ettin_names(state)
-    expected = model.state_dict()
-    for name, tensor in expected.items():
-        if name in state and state[name].shape != tensor.shape:
-            raise ValueError(
-                f"state dict does not fit this model (another size?): first mismatched tensor {name!r} "
-                f"expected shape {tuple(tensor.shape)}, found {tuple(state[name].shape)}"
-            )
-    missing = [n for n in expected if n not in state and n != "decoder.weight"]
-    unexpected = [n for n in state if n not in expected]
-    if missing or unexpected:
-        raise ValueError(
-            f"state dict does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]} "
-            "(biases or other extra tensors are not part of the Ettin architecture)"
-        )
-    embedding = state["model.embeddings.tok_embeddings.weight"]
-    if "decoder.weight" in state and not torch.equal(state["decoder.weight"], embedding):
-        raise ValueError(
-            "decoder.weight differs from the token embedding; untied output layers are unsupported"
-        )
-    model.load_state_dict({**state, "decoder.weight": embedding}, strict=True)
+    load_state_dict_strict(model, _to_ettin_names(state))
 
 
 def from_hf_state_dict(state: dict[str, Tensor], args: ModelArgs) -> EttinModel:
@@ -229,6 +210,23 @@ def _load_tokenizer(tokenizer: TokenizerLike) -> PreTrainedTokenizerBase | None:
     if tokenizer is None or isinstance(tokenizer, PreTrainedTokenizerBase):
         return tokenizer
     return AutoTokenizer.from_pretrained(str(tokenizer))
+
+
+REFERENCE_WINDOW_KEY = "ettin_causal_window"
+"""config.json field of an exported decoder with the reference window (`ModelArgs.causal_window`)."""
+
+
+def hf_local_attention(args: ModelArgs) -> int:
+    """The HF `local_attention` that computes our local window.
+
+    HF 4.57.6's decoder uses `sliding_window = local_attention // 2` keys including the query
+    (mask `kv > q - sliding_window`; flash `window_size = (sliding_window - 1, ...)` + causal;
+    the cache keeps `sliding_window - 1` past keys): our "hf" rule. The reference rule sees one
+    key more, i - local_attention//2 <= j <= i, which is HF's rule for local_attention + 2.
+    """
+    if args.causal and args.causal_window == "reference":
+        return args.local_attention + 2
+    return args.local_attention
 
 
 def hf_config(
@@ -277,7 +275,7 @@ def hf_config(
         norm_eps=args.norm_eps,
         global_rope_theta=args.global_rope_theta,
         local_rope_theta=args.local_rope_theta,
-        local_attention=args.local_attention,
+        local_attention=hf_local_attention(args),
         global_attn_every_n_layers=args.global_attn_every_n_layers,
         initializer_range=args.init_std,
         initializer_cutoff_factor=args.init_cutoff_factor,
@@ -289,6 +287,9 @@ def hf_config(
             layer_types=list(args.layer_types), architectures=["ModernBertDecoderForCausalLM"]
         )
         carried.pop("sliding_window", None)  # derived from local_attention
+        carried.pop(REFERENCE_WINDOW_KEY, None)
+        if args.causal_window == "reference":  # import restores local_attention and the rule
+            own[REFERENCE_WINDOW_KEY] = "reference"
         return ModernBertDecoderConfig(**{**carried, **common, **own})
     own = dict(reference_compile=False, architectures=["ModernBertForMaskedLM"])
     return ModernBertConfig(**{**carried, **common, **own})
@@ -345,7 +346,7 @@ def export_hf(
     if args.causal:  # HF omits local_attention, then re-derives sliding_window from 128 on load
         config_path = out / "config.json"
         saved = json.loads(config_path.read_text())
-        saved["local_attention"] = args.local_attention
+        saved["local_attention"] = hf_local_attention(args)
         config_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
@@ -375,6 +376,7 @@ def _args_from_hf(config: PretrainedConfig, raw: dict[str, Any], source: str) ->
                 f"{source}: {field}={getattr(config, field)!r} is not supported (Ettin models use {value!r})"
             )
     causal = config.model_type == "modernbert-decoder"
+    window = "hf"
     every_n = config.global_attn_every_n_layers
     local_theta = (
         config.local_rope_theta if config.local_rope_theta is not None else config.global_rope_theta
@@ -386,6 +388,9 @@ def _args_from_hf(config: PretrainedConfig, raw: dict[str, Any], source: str) ->
                 f"{source}: layer_types {config.layer_types} is not 'global iff layer % n == 0' for any n"
             )
         local_attention = raw.get("local_attention") or 2 * raw.get("sliding_window", 64)
+        if raw.get(REFERENCE_WINDOW_KEY) == "reference":  # our export of the reference window
+            local_attention -= 2
+            window = "reference"
         if local_theta != config.global_rope_theta:
             warnings.warn(
                 f"{source}: local_rope_theta={local_theta} is ignored by HF ModernBertDecoder, which applies "
@@ -404,6 +409,7 @@ def _args_from_hf(config: PretrainedConfig, raw: dict[str, Any], source: str) ->
         causal=causal,
         global_attn_every_n_layers=every_n,
         local_attention=local_attention,
+        causal_window=window,
         global_rope_theta=config.global_rope_theta,
         local_rope_theta=local_theta,
         norm_eps=config.norm_eps,

@@ -4,21 +4,21 @@ The published raw checkpoints (`jhu-clsp/ettin-checkpoints`) are Composer run ch
 the reference code (docs/architecture.md, "Reference checkpoints"; reference recipe §6.1):
 `state.model` holds `FlexBertFor{MaskedLM,CausalLM}` inside Composer's `HuggingFaceModel`
 (keys `model.bert....`, `model.head.*` or `model.lm_head.*`, `model.decoder.*`),
-`state.optimizers` StableAdamW's moments, `state.timestamp` the run's position and
-`state.integrations.huggingface` the FlexBertConfig (and the tokenizer files). This module maps
-them onto ours (the names of §6.3: ours are HF's encoder names for both objectives):
+`state.optimizers` bert24's StableAdamW state, `state.timestamp` the run's position and
+`state.integrations.huggingface` the FlexBertConfig (and the tokenizer files). This module is the
+format: it converts state dicts and configs and knows nothing of trainers.
 
-- `read_reference(path)`: weights under our names, `ModelArgs` from the FlexBertConfig,
-  encoder or decoder, the optimiser moments per parameter, the timestamp, the tokenizer files.
-- `reference_weights(payload)`: what `ettin.checkpoint.read_checkpoint` uses, so
+- `read_reference(path)`: weights under our names, `ModelArgs` from the FlexBertConfig (a decoder
+  gets the reference's causal window), the optimiser moments per parameter, the timestamp, the
+  tokenizer files.
+- `reference_weights(payload)`: registered with `ettin.checkpoint` (`REFERENCE_FORMAT`), so
   `init_from=ref.pt` and `ettin export ref.pt` accept a reference checkpoint as is.
-- `resume_into(path, cfg)`: a Composer checkpoint of *our* trainer in `cfg.run_dir/checkpoints`
-  with the reference's weights, moments, step counter, scheduler position and data position,
-  which our autoresume picks up: continued pre-training goes on where the reference stopped.
+- `load_optimizer_state(optimizer, model, ref)`: the reference's StableAdamW state as
+  torch-optimi StableAdamW state (what is equivalent; what is dropped is said, `OPTIMIZER_MAP`).
 
+Continuing a reference run with our trainer (`ettin import --resume-into`) is `ettin.resume`.
 Nothing is guessed silently: an unknown tensor, a missing one, a shape that does not fit the
-config, an optimiser state we cannot represent, a run of another size or objective is refused
-with a message that names it.
+config, an optimiser state we cannot represent is refused with a message that names it.
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
-import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,19 +37,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ettin.checkpoint import CheckpointFormat, register_format
 from ettin.model import ModelArgs
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "OPTIMIZER_MAP",
+    "REFERENCE_FORMAT",
     "ReferenceCheckpoint",
     "ReferenceError",
     "ettin_name",
     "is_reference_state",
+    "load_optimizer_state",
     "read_reference",
     "reference_model_args",
     "reference_weights",
-    "resume_into",
     "write_tokenizer",
 ]
 
@@ -201,6 +205,8 @@ def reference_model_args(
             causal=causal,
             global_attn_every_n_layers=int(every_n),
             local_attention=int(window),
+            # flash (w/2, w/2) + causal: one key more than HF's decoder rule (ModelArgs docs)
+            causal_window="reference" if causal else "hf",
             global_rope_theta=global_theta,
             local_rope_theta=local_theta,
             norm_eps=float(norm.get("eps", config.get("norm_eps", 1e-5))),
@@ -224,11 +230,13 @@ class ReferenceCheckpoint:
     timestamp: dict[str, Any] = field(default_factory=dict)
     """Composer timestamp fields (batch, sample, token, epoch, *_in_epoch)."""
     moments: dict[str, dict[str, Tensor]] = field(default_factory=dict)
-    """Our parameter name -> {"exp_avg", "exp_avg_sq"} (empty: no optimiser state)."""
+    """Our parameter name -> {"exp_avg", "exp_avg_sq"[, "eps_sq"]} (empty: no optimiser state)."""
     steps: dict[str, int] = field(default_factory=dict)
     """Our parameter name -> StableAdamW's step counter for it."""
     optimizer_groups: list[dict[str, Any]] = field(default_factory=list)
     """The reference's param_groups without `params` (hyper-parameters, for the record)."""
+    optimizer_notes: list[str] = field(default_factory=list)
+    """Per-parameter states not carried as is (`kahan_comp` folded, `mean_square` dropped)."""
     tokenizer_files: dict[str, Any] = field(default_factory=dict)
     """Composer's tokenizer metadata: file name -> {"file_extension", "content"}."""
     run_name: str | None = None
@@ -295,15 +303,27 @@ def _flex_param_order(model: dict[str, Tensor]) -> list[tuple[str, bool]]:
     return out
 
 
-_KNOWN_STATE = {"exp_avg", "exp_avg_sq", "step", "eps_sq", "kahan_comp", "mean_square"}
+OPTIMIZER_MAP: dict[str, str] = {
+    "exp_avg": "kept: the same debiased first moment (bert24's StableAdamW is optimi's)",
+    "exp_avg_sq": "kept: the same debiased second moment",
+    "step": "kept: the group's step counter (a per-parameter one must be equal within a group)",
+    "eps_sq": "recomputed from our eps (warned when the reference's eps^2 differs)",
+    "kahan_comp": "folded into the fp32 weight (weight + compensation); none for fp32 params",
+    "mean_square": "dropped (optimi's optional state, not used by StableAdamW here; warned)",
+}
+"""bert24 StableAdamW per-parameter state -> torch-optimi StableAdamW state, key by key."""
+_GROUP_CHECKED = ("beta1", "beta2", "eps", "weight_decay", "decouple_lr")
+"""Group hyper-parameters compared with ours on import (ours win; a difference is warned)."""
 
 
 def _optimizer(
     state: dict[str, Any], weights: dict[str, Tensor], source: str
-) -> tuple[dict[str, dict[str, Tensor]], dict[str, int], list[dict[str, Any]]]:
+) -> tuple[dict[str, dict[str, Tensor]], dict[str, int], list[dict[str, Any]], list[str]]:
+    """(moments, steps, group metadata, notes) of the reference's optimizer; folds Kahan buffers
+    into `weights` in place."""
     optimizers = state.get("optimizers") or {}
     if not optimizers:
-        return {}, {}, []
+        return {}, {}, [], []
     if len(optimizers) != 1:
         raise ReferenceError(
             f"{source}: {len(optimizers)} optimizers ({', '.join(optimizers)}); expected one StableAdamW"
@@ -331,6 +351,7 @@ def _optimizer(
     moments: dict[str, dict[str, Tensor]] = {}
     steps: dict[str, int] = {}
     group_of: dict[str, int] = {}
+    notes: set[str] = set()
     for gi, group in enumerate(groups):
         for p in group.get("params", []):
             key = names_of_int.get(p, p) if isinstance(p, int) else p
@@ -340,7 +361,7 @@ def _optimizer(
         if not isinstance(ref_key, str):
             raise ReferenceError(f"{source}: optimizer state for unknown parameter id {key!r}")
         name = ettin_name(ref_key)
-        extra = set(entry) - _KNOWN_STATE
+        extra = set(entry) - set(OPTIMIZER_MAP)
         if extra:
             raise ReferenceError(
                 f"{source}: optimizer state of {ref_key!r} has {sorted(extra)}, which StableAdamW "
@@ -350,12 +371,6 @@ def _optimizer(
             raise ReferenceError(
                 f"{source}: optimizer state of {ref_key!r} lacks exp_avg/exp_avg_sq"
             )
-        kahan = entry.get("kahan_comp")
-        if isinstance(kahan, Tensor) and kahan.numel() > 1 and bool(kahan.any()):
-            raise ReferenceError(
-                f"{source}: {ref_key!r} has a Kahan compensation buffer (bf16 parameters); "
-                "ettin trains fp32 master weights and would drop it"
-            )
         target = weights.get(name)
         for m in ("exp_avg", "exp_avg_sq"):
             if target is not None and tuple(entry[m].shape) != tuple(target.shape):
@@ -363,7 +378,18 @@ def _optimizer(
                     f"{source}: optimizer {m} of {ref_key!r} has shape {tuple(entry[m].shape)}, "
                     f"the parameter {tuple(target.shape)}"
                 )
+        kahan = entry.get("kahan_comp")
+        if isinstance(kahan, Tensor) and target is not None and kahan.shape == target.shape:
+            # bert24 keeps bf16 parameters' rounding error here: the true value is p + comp
+            weights[name] = target.float() + kahan.float()
+            if name == "model.embeddings.tok_embeddings.weight" and _TIED in weights:
+                weights[_TIED] = weights[name]
+            notes.add("kahan_comp")
+        if "mean_square" in entry:
+            notes.add("mean_square")
         moments[name] = {"exp_avg": entry["exp_avg"], "exp_avg_sq": entry["exp_avg_sq"]}
+        if isinstance(entry.get("eps_sq"), Tensor | float):
+            moments[name]["eps_sq"] = torch.as_tensor(entry["eps_sq"])
         step = entry.get("step")
         if step is None and name in group_of:
             step = groups[group_of[name]].get("step")
@@ -377,7 +403,71 @@ def _optimizer(
         }
         for gi, g in enumerate(groups)
     ]
-    return moments, steps, meta
+    return moments, steps, meta, sorted(notes)
+
+
+def load_optimizer_state(optimizer, model, ref: ReferenceCheckpoint) -> int:
+    """Put the reference's StableAdamW state into our (not yet stepped) torch-optimi StableAdamW.
+
+    Per parameter (`OPTIMIZER_MAP`): `exp_avg`, `exp_avg_sq` and the group's `step` are the same
+    quantities in both (bert24's optimizer is optimi's with grad-norm logging), so they are
+    copied; `eps_sq` is set from our eps, `kahan_comp` to None (our weights are fp32; a reference
+    compensation was folded into the weight by `read_reference`). The group hyper-parameters
+    (betas, eps, weight decay, decouple_lr) come from our run config; each that differs from the
+    reference's, and each state that is dropped, is warned. Returns the step counter.
+    """
+    by_param = {id(p): name for name, p in model.named_parameters()}
+    step_of_group = []
+    said: list[str] = [f"{k} ({OPTIMIZER_MAP[k]})" for k in ref.optimizer_notes]
+    for gi, group in enumerate(optimizer.param_groups):
+        names = [by_param[id(p)] for p in group["params"]]
+        missing = [n for n in names if n not in ref.moments]
+        if missing:
+            raise ReferenceError(
+                f"{ref.source}: no optimizer state for {missing[:5]}; resume weights only with "
+                f"init_from={ref.source} instead"
+            )
+        theirs_group = ref.optimizer_groups[gi] if gi < len(ref.optimizer_groups) else {}
+        if theirs_group:
+            theirs = set(theirs_group.get("_ettin_params", names))
+            moved = sorted(set(names) - theirs)
+            if moved:
+                raise ReferenceError(
+                    f"{ref.source}: {moved[:3]} are in another weight-decay group in the reference "
+                    "optimizer than in ours; the parameter groups differ"
+                )
+            for key in _GROUP_CHECKED:  # optimi's group keys: beta1, beta2, eps, ...
+                if key in theirs_group and group.get(key) is not None:
+                    a, b = theirs_group[key], group[key]
+                    if (float(a) != float(b)) if isinstance(a, int | float) else a != b:
+                        said.append(f"group {gi} {key} {a} (ours {b}, from the run config)")
+        steps = {ref.steps[n] for n in names}
+        if len(steps) != 1:
+            raise ReferenceError(
+                f"{ref.source}: the parameters of group {gi} have different step counters "
+                f"{sorted(steps)}; StableAdamW here keeps one per group"
+            )
+        (step,) = steps
+        eps_sq = group["eps"] ** 2
+        for p, name in zip(group["params"], names):
+            theirs_eps = ref.moments[name].get("eps_sq")
+            if theirs_eps is not None and not math.isclose(float(theirs_eps), eps_sq, rel_tol=1e-2):
+                said.append(f"{name} eps_sq {float(theirs_eps):.3g} (ours {eps_sq:.3g})")
+            st = optimizer.state[p]
+            st["exp_avg"] = ref.moments[name]["exp_avg"].to(p.dtype).clone().contiguous()
+            st["exp_avg_sq"] = ref.moments[name]["exp_avg_sq"].to(p.dtype).clone().contiguous()
+            st["eps_sq"] = torch.tensor(eps_sq, dtype=p.dtype, device=p.device)
+            st["kahan_comp"] = None
+        group["setup"] = True
+        group["step"] = torch.tensor(step, dtype=torch.int32)
+        step_of_group.append(step)
+    if said:
+        warnings.warn(
+            f"{ref.source}: reference optimizer state not carried as is: {'; '.join(said[:6])}"
+            + (f" (+{len(said) - 6} more)" if len(said) > 6 else ""),
+            stacklevel=2,
+        )
+    return max(step_of_group) if step_of_group else 0
 
 
 def read_reference(path: str | os.PathLike, *, payload: dict | None = None) -> ReferenceCheckpoint:
@@ -392,7 +482,7 @@ def read_reference(path: str | os.PathLike, *, payload: dict | None = None) -> R
     weights, causal = _weights(state, source)
     config = _flex_config(state, source)
     args = reference_model_args(config, causal=causal, source=source)
-    moments, steps, groups = _optimizer(state, weights, source)
+    moments, steps, groups, notes = _optimizer(state, weights, source)
     return ReferenceCheckpoint(
         source=source,
         model_args=args,
@@ -402,6 +492,7 @@ def read_reference(path: str | os.PathLike, *, payload: dict | None = None) -> R
         moments=moments,
         steps=steps,
         optimizer_groups=groups,
+        optimizer_notes=notes,
         tokenizer_files=dict(_hf_integration(state).get("tokenizer") or {}),
         run_name=state.get("run_name"),
     )
@@ -441,187 +532,7 @@ def reference_weights(payload: dict[str, Any], source: str) -> tuple[dict[str, T
     return ref.state, meta
 
 
-# ---------------------------------------------------------------------------------------------
-# Resuming a reference run with our trainer.
-
-_COMPARED = (
-    "num_layers",
-    "hidden_size",
-    "intermediate_size",
-    "num_heads",
-    "vocab_size",
-    "global_attn_every_n_layers",
-    "local_attention",
-    "global_rope_theta",
-    "local_rope_theta",
-    "norm_eps",
+REFERENCE_FORMAT = CheckpointFormat(
+    name="reference FlexBert", recognises=is_reference_state, convert=reference_weights
 )
-
-
-def check_fits_run(ref: ReferenceCheckpoint, run_args: ModelArgs, run_label: str) -> None:
-    """Refuse a run whose model differs from the checkpoint's (another size, objective, RoPE)."""
-    if ref.model_args.causal != run_args.causal:
-        raise ReferenceError(
-            f"{ref.source} is a {ref.kind} checkpoint but {run_label} trains a "
-            f"{'decoder (objective=clm)' if run_args.causal else 'encoder (objective=mlm)'}; "
-            f"resume with objective={ref.objective}, or start the other objective from its "
-            f"weights only with init_from={ref.source}"
-        )
-    diffs = [
-        f"{k}: checkpoint {getattr(ref.model_args, k)}, run {getattr(run_args, k)}"
-        for k in _COMPARED
-        if getattr(ref.model_args, k) != getattr(run_args, k)
-    ]
-    if diffs:
-        raise ReferenceError(
-            f"{ref.source} does not fit {run_label} ({'; '.join(diffs)}): a checkpoint of another "
-            "size or phase; pick the run file of the same size and phase (model.size, "
-            "model.*_rope_theta, model.local_attention)"
-        )
-
-
-def _set_optimizer(optimizer, model, ref: ReferenceCheckpoint) -> int:
-    """Put the reference's moments and step counters into our (not yet stepped) optimizer."""
-    by_param = {id(p): name for name, p in model.named_parameters()}
-    step_of_group = []
-    for gi, group in enumerate(optimizer.param_groups):
-        names = [by_param[id(p)] for p in group["params"]]
-        missing = [n for n in names if n not in ref.moments]
-        if missing:
-            raise ReferenceError(
-                f"{ref.source}: no optimizer state for {missing[:5]}; resume weights only with "
-                f"init_from={ref.source} instead"
-            )
-        if ref.optimizer_groups and gi < len(ref.optimizer_groups):
-            theirs = set(ref.optimizer_groups[gi].get("_ettin_params", names))
-            moved = sorted(set(names) - theirs)
-            if moved:
-                raise ReferenceError(
-                    f"{ref.source}: {moved[:3]} are in another weight-decay group in the reference "
-                    "optimizer than in ours; the parameter groups differ"
-                )
-        steps = {ref.steps[n] for n in names}
-        if len(steps) != 1:
-            raise ReferenceError(
-                f"{ref.source}: the parameters of group {gi} have different step counters "
-                f"{sorted(steps)}; StableAdamW here keeps one per group"
-            )
-        (step,) = steps
-        for p, name in zip(group["params"], names):
-            st = optimizer.state[p]
-            st["exp_avg"] = ref.moments[name]["exp_avg"].to(p.dtype).clone().contiguous()
-            st["exp_avg_sq"] = ref.moments[name]["exp_avg_sq"].to(p.dtype).clone().contiguous()
-            st["eps_sq"] = torch.tensor(group["eps"] ** 2, dtype=p.dtype, device=p.device)
-            st["kahan_comp"] = None
-        group["setup"] = True
-        group["step"] = torch.tensor(step, dtype=torch.int32)
-        step_of_group.append(step)
-    return max(step_of_group) if step_of_group else 0
-
-
-def _set_schedule(state, ref: ReferenceCheckpoint, batch: int) -> None:
-    """The LR of the next step and the LambdaLR counters, as Composer leaves them at `batch`.
-
-    Composer steps the scheduler after each batch, before advancing the timestamp, so the LR a
-    checkpoint holds is the schedule one step behind its timestamp; that value is taken from the
-    reference's param groups (the LR its next step would have used). Later steps follow the run
-    config's schedule. Without an LR in the reference, the schedule at `batch` is used.
-    """
-    groups = state.optimizers[0].param_groups
-    for scheduler in state.schedulers:
-        scheduler.last_epoch = batch - 1
-        scheduler.step()  # the schedule at the restored timestamp (the fallback)
-        scheduler._step_count = batch + 1
-    theirs = [g.get("lr") for g in ref.optimizer_groups]
-    if len(theirs) == len(groups) and all(isinstance(lr, float | int) for lr in theirs):
-        for group, lr in zip(groups, theirs):
-            group["lr"] = float(lr)
-        for scheduler in state.schedulers:
-            scheduler._last_lr = [float(lr) for lr in theirs]
-
-
-def resume_into(path: str | os.PathLike, cfg, *, weights_only: bool = False) -> Path:
-    """Write a checkpoint of our trainer into `cfg.run_dir/checkpoints` that continues `path`.
-
-    `cfg` is the RunConfig the run will be resumed with (same size, objective, data, batch size):
-    a trainer is built from it (in a scratch folder), the reference's weights, optimiser moments
-    and step counters, timestamp, scheduler position and data position (`sample_in_epoch`) are
-    put into it, and it is saved as `ep{e}-ba{b}-rank0.pt` with `latest-rank0.pt` pointing at it.
-    Running the same config again then resumes there (autoresume). `weights_only` keeps the
-    timestamp but starts fresh optimizer moments (for a checkpoint without optimiser state).
-    """
-    from composer.core import Timestamp
-
-    from ettin.checkpoint import CHECKPOINT_FILENAME, RunInfo, prepare_resume, run_checkpoints
-    from ettin.train import build_trainer
-
-    ref = read_reference(path)
-    run_dir = Path(cfg.run_dir)
-    folder = run_dir / "checkpoints"
-    if run_checkpoints(folder):
-        raise ReferenceError(
-            f"{folder} already holds checkpoints; resume into a new run folder (run_dir=...)"
-        )
-    if not ref.moments and not weights_only:
-        raise ReferenceError(
-            f"{ref.source} has no optimizer state; pass --weights-only to resume with fresh "
-            f"moments, or start with init_from={ref.source}"
-        )
-    stamp = ref.timestamp
-    if not stamp.get("batch"):
-        raise ReferenceError(f"{ref.source} has no timestamp (batch 0): use init_from= instead")
-    with tempfile.TemporaryDirectory(prefix="ettin-resume-") as tmp:
-        scratch = dataclasses.replace(cfg, run_dir=tmp, autoresume=False, init_from=None)
-        trainer = build_trainer(scratch)
-        try:
-            model = trainer.state.model.model
-            check_fits_run(ref, model.args, f"the run {cfg.run_name}")
-            from ettin.checkpoint import load_weights
-
-            load_weights(model, ref.state, source=ref.source)
-            if not weights_only:
-                _set_optimizer(trainer.state.optimizers[0], model, ref)
-            fields = {
-                k: int(stamp[k])
-                for k in (
-                    "epoch",
-                    "batch",
-                    "sample",
-                    "token",
-                    "batch_in_epoch",
-                    "sample_in_epoch",
-                    "token_in_epoch",
-                    "iteration",
-                    "epoch_in_iteration",
-                    "token_in_iteration",
-                )
-                if k in stamp
-            }
-            fields.setdefault("batch_in_epoch", fields["batch"])
-            fields.setdefault("sample_in_epoch", fields.get("sample", 0))
-            fields.setdefault("token_in_epoch", fields.get("token", 0))
-            # Composer's schedulers read the iteration counters (one iteration: the whole run)
-            fields.setdefault("epoch_in_iteration", fields.get("epoch", 0))
-            fields.setdefault("token_in_iteration", fields.get("token", 0))
-            trainer.state.timestamp = Timestamp(**fields)
-            dataset = getattr(trainer.state.train_dataloader, "dataset", None)
-            sampler = getattr(dataset, "sampler", None)
-            if sampler is not None:
-                sampler.set_epoch(fields.get("epoch", 0))
-            batch = fields["batch"]
-            _set_schedule(trainer.state, ref, batch)
-            (info,) = [c for c in trainer.state.callbacks if isinstance(c, RunInfo)]
-            info.info.lineage = {
-                **info.info.lineage,
-                "resumed_from_reference": ref.source,
-                "reference_run": ref.run_name,
-            }
-            name = CHECKPOINT_FILENAME.format(epoch=fields.get("epoch", 0), batch=batch, rank=0)
-            folder.mkdir(parents=True, exist_ok=True)
-            target = folder / name
-            trainer.save_checkpoint(str(target))
-        finally:
-            trainer.close()
-    prepare_resume(folder)  # points latest-rank0.pt at it
-    log.info("wrote %s (batch %d of %s)", target, batch, ref.source)
-    return target
+register_format(REFERENCE_FORMAT)

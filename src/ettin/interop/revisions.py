@@ -1,10 +1,10 @@
 """Every checkpoint of a run as a Hugging Face folder named like the published revisions.
 
-The Ettin model repos hold intermediate checkpoints as revisions (branches) `step{N}` (phase 1,
+The Ettin model repos hold intermediate checkpoints as revisions (git tags) `step{N}` (phase 1,
 pre-training), `ext{N}` (phase 2, context extension) and `decay{N}` (phase 3). `export_all`
 writes one HF folder per checkpoint of a run (or of every run of a recipe chain) with the same
-naming, plus `revisions.json`; `publish` pushes each folder as a revision of a Hub repo; and
-`split_revision` parses `REPO@REV` for `ettin import`.
+naming, plus `revisions.json`; `publish` pushes each folder as a revision (a tag, or a branch)
+of a Hub repo; and `split_revision` parses `REPO@REV` (a tag or a branch) for `ettin import`.
 
 Naming (ours, documented in README "Continue Ettin"): N is the checkpoint's batch count (the
 optimizer step, Composer's `timestamp.batch`) within its phase; every phase restarts time at 0
@@ -221,14 +221,19 @@ def publish(
     *,
     private: bool = False,
     main: str | None = None,
+    tags: bool = True,
     token: str | None = None,
     api: Any = None,
 ) -> list[str]:
-    """Push every revision folder of `out_dir` to `repo_id` as a branch of that name.
+    """Push every revision folder of `out_dir` to `repo_id` as a git tag (or branch) of that name.
 
-    `create_repo(exist_ok=True)`, then per revision `create_branch(exist_ok=True)` and
-    `upload_folder(revision=<rev>)`; `revisions.json` goes to `main`, and so does the folder
-    named by `main` (e.g. the final `decay…`), if given. Returns the revisions pushed.
+    `tags=True` (the default, as the Ettin release publishes its revisions): each folder is
+    uploaded to `main` as one commit holding exactly that folder (`delete_patterns="*"`), and
+    that commit is tagged with the revision's name (`create_tag(revision=<commit>)`), in index
+    order (phase, then batch), so `main` ends at the last revision. `tags=False`: a branch per
+    revision (`create_branch` + `upload_folder(revision=<rev>)`). Then `revisions.json` goes to
+    `main`, and so does the folder named by `main` (e.g. the final `decay…`), if given. Returns
+    the revisions pushed. `REPO@<tag>` and `--revision <tag>` load a tag like a branch.
     """
     out_dir = Path(out_dir)
     index = read_index(out_dir)
@@ -250,15 +255,39 @@ def publish(
     api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
     pushed = []
     for rev, meta in index.items():
-        api.create_branch(repo_id=repo_id, branch=rev, repo_type="model", exist_ok=True)
+        message = f"{rev}: {meta['phase']} batch {meta['batch']}, {meta.get('tokens')} tokens"
+        if tags:
+            commit = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=str(out_dir / rev),
+                repo_type="model",
+                commit_message=message,
+                delete_patterns="*",  # the tagged commit holds this revision's files only
+            )
+            oid = getattr(commit, "oid", None)
+            if not oid:
+                raise RuntimeError(f"{repo_id}: the upload of {rev} returned no commit to tag")
+            api.create_tag(
+                repo_id=repo_id, tag=rev, revision=oid, repo_type="model", tag_message=message
+            )
+        else:
+            api.create_branch(repo_id=repo_id, branch=rev, repo_type="model", exist_ok=True)
+            api.upload_folder(
+                repo_id=repo_id,
+                folder_path=str(out_dir / rev),
+                revision=rev,
+                repo_type="model",
+                commit_message=message,
+            )
+        pushed.append(rev)
+    if main is not None:
         api.upload_folder(
             repo_id=repo_id,
-            folder_path=str(out_dir / rev),
-            revision=rev,
+            folder_path=str(out_dir / main),
             repo_type="model",
-            commit_message=f"{rev}: {meta['phase']} batch {meta['batch']}, {meta.get('tokens')} tokens",
+            commit_message=f"main = {main}",
+            **({"delete_patterns": "*"} if tags else {}),
         )
-        pushed.append(rev)
     api.upload_file(
         path_or_fileobj=str(out_dir / INDEX),
         path_in_repo=INDEX,
@@ -266,23 +295,26 @@ def publish(
         repo_type="model",
         commit_message="index of the revisions",
     )
-    if main is not None:
-        api.upload_folder(
-            repo_id=repo_id,
-            folder_path=str(out_dir / main),
-            repo_type="model",
-            commit_message=f"main = {main}",
-        )
     return pushed
 
 
 def split_revision(source: str, revision: str | None = None) -> tuple[str, str | None]:
     """`REPO@REV` -> (REPO, REV); an existing path is never split; `revision` must agree."""
     if "@" not in source or Path(source).exists():
-        return source, revision
-    repo, _, rev = source.rpartition("@")
-    if not repo or not rev:
-        raise ValueError(f"{source!r}: write REPO@REVISION, e.g. jhu-clsp/ettin-encoder-17m@step0")
-    if revision is not None and revision != rev:
-        raise ValueError(f"{source!r} names revision {rev!r} but --revision says {revision!r}")
+        repo, rev = source, revision
+    else:
+        repo, _, rev = source.rpartition("@")
+        if not repo or not rev:
+            raise ValueError(
+                f"{source!r}: write REPO@REVISION (a tag or branch), e.g. "
+                "jhu-clsp/ettin-encoder-17m@step0"
+            )
+        if revision is not None and revision != rev:
+            raise ValueError(f"{source!r} names revision {rev!r} but --revision says {revision!r}")
+    if rev is not None and Path(repo).is_dir():
+        raise ValueError(
+            f"{repo} is a local folder: transformers ignores a revision ({rev}) for local folders "
+            f"and would load what is checked out; run `git -C {repo} checkout {rev}` and import "
+            "the folder without @"
+        )
     return repo, rev

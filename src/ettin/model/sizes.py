@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["SIZES", "ModelArgs", "model_args", "parameter_count"]
+__all__ = ["CAUSAL_WINDOWS", "SIZES", "ModelArgs", "model_args", "parameter_count"]
+
+CAUSAL_WINDOWS = ("hf", "reference")
+"""Values of `ModelArgs.causal_window` (and `model.causal_window` in a run file)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -27,6 +30,11 @@ class ModelArgs:
     """Layer i attends globally iff i % n == 0; the others use the sliding window."""
     local_attention: int = 128
     """Total sliding window of local layers (HF `local_attention`); see `local_window`."""
+    causal_window: str = "hf"
+    """A decoder's local window rule (`local_window`): "hf", i - local_attention//2 < j <= i
+    (64 keys for 128: HF 4.57.6's rule, what an exported decoder computes), or "reference",
+    i - local_attention//2 <= j <= i (65 keys: the reference training's flash window (64, 64)
+    plus causal; imported reference decoders use it). Encoders see the same keys under both."""
     global_rope_theta: float = 10000.0
     """RoPE base of global layers."""
     local_rope_theta: float = 10000.0
@@ -72,6 +80,11 @@ class ModelArgs:
                 f"ModelArgs.local_attention ({self.local_attention}) must be even: it is the total "
                 "window, split into local_attention // 2 tokens on each side"
             )
+        if self.causal_window not in CAUSAL_WINDOWS:
+            raise ValueError(
+                f"ModelArgs.causal_window must be one of {', '.join(CAUSAL_WINDOWS)}, got "
+                f"{self.causal_window!r}"
+            )
         if not 0.0 <= self.attn_out_dropout < 1.0:
             raise ValueError(
                 f"ModelArgs.attn_out_dropout must be in [0, 1), got {self.attn_out_dropout}"
@@ -100,13 +113,16 @@ class ModelArgs:
 
     @property
     def local_window(self) -> tuple[int, int]:
-        """(left, right) keys a local-layer query sees, flash-attn style, inclusive; HF semantics.
+        """(left, right) keys a local-layer query sees, flash-attn style, inclusive.
 
-        Encoder: |i - j| <= local_attention // 2 (129 keys for 128).
-        Decoder: i - local_attention // 2 < j <= i (64 keys for 128, self included).
+        Encoder: |i - j| <= local_attention // 2 (129 keys for 128; HF and the reference).
+        Decoder, causal_window "hf": i - local_attention // 2 < j <= i (64 keys for 128).
+        Decoder, causal_window "reference": i - local_attention // 2 <= j <= i (65 keys).
         """
         half = self.local_attention // 2
-        return (half - 1, 0) if self.causal else (half, half)
+        if not self.causal:
+            return (half, half)
+        return (half, 0) if self.causal_window == "reference" else (half - 1, 0)
 
 
 SIZES: dict[str, dict] = {
