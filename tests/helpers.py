@@ -108,7 +108,7 @@ def write_phase(
     meta: dict | None = None,
 ) -> Path:
     """A prepared phase: meta.json with the tokenizer fingerprint and one MDS folder per split."""
-    from ettin.data.dataset import _fingerprint
+    from ettin.data.shards import fingerprint as _fingerprint
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ def _load(config: str, overrides: list[str], order_file: str | None = None):
     from ettin.config import load_config
     from ettin.data.dataset import SampleRules, TokenDataset
     from ettin.data.replay import OrderTokens, Replay
-    from ettin.prep.tokenizer import default_tokenizer_dir, load_tokenizer
+    from ettin.tokenizer import default_tokenizer_dir, load_tokenizer
 
     cfg = load_config(config, overrides)
     tokenizer = load_tokenizer(cfg.tokenizer or default_tokenizer_dir())
@@ -34,7 +34,11 @@ def _load(config: str, overrides: list[str], order_file: str | None = None):
         tokenizer, max_seq_len=cfg.data.max_seq_len, encoder=cfg.objective.name == "mlm"
     )
     path = order_file or cfg.data.order_file
-    replay = Replay.open(path, local_cache=cfg.data.local_cache) if path else None
+    replay = (
+        Replay.open(path, local_cache=cfg.data.local_cache, phase=cfg.data.order_phase)
+        if path
+        else None
+    )
     shards = None
     if replay is None or replay.sample_ids is not None:
         shards = TokenDataset(
@@ -90,6 +94,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_replay(args: argparse.Namespace) -> None:
+    from ettin.data.replay import check_fits
+
     path = args.order
     cfg, rules, shards, replay, data = _load(args.config, args.overrides, order_file=path)
     path = path or cfg.data.order_file
@@ -99,7 +105,7 @@ def cmd_replay(args: argparse.Namespace) -> None:
     sizes = replay.sizes
     checked = 0
     if replay.has_tokens:
-        replay.check_fits(order.schedule, cfg.data.max_seq_len, rules.vocab_size)
+        check_fits(replay, order.schedule, cfg.data.max_seq_len, rules.vocab_size)
         replay.check_rows(cfg.data.max_seq_len, rules.vocab_size)
     if replay.has_tokens and shards is not None:
         n = min(args.check_tokens, replay.num_rows)
@@ -174,7 +180,7 @@ def cmd_verify(args: argparse.Namespace) -> None:
 
     from tqdm.auto import tqdm
 
-    from ettin.data.dataset import DataError, read_index, verify_split
+    from ettin.data.shards import DataError, read_index, verify_split
 
     root = Path(args.dir)
     if not root.is_dir():
@@ -204,8 +210,8 @@ def cmd_verify(args: argparse.Namespace) -> None:
 def cmd_decompress(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from ettin.data.dataset import DataError
     from ettin.data.remote import decompress_split
+    from ettin.data.shards import DataError
 
     root = Path(args.dir)
     if not root.is_dir():

@@ -10,7 +10,7 @@ local but zstd-compressed. They are fetched into a local cache before step 1.
 - shards are fetched by a thread pool (`workers`, default `DEFAULT_WORKERS`) with one tqdm bar
   over bytes (and a count of shards), each into a hidden temp name (`.<shard>.part`), checked
   (its MDS header against index.json's sample count, and its content hash against index.json's,
-  with `check_shard_header` / `shard_hash_problem` of `ettin.data.dataset`, the checks of local
+  with `check_shard_header` / `shard_hash_problem` of `ettin.data.shards`, the checks of local
   shards) and only then renamed into place, so a kill at any moment never leaves a half-fetched
   shard under its real name: a rerun fetches only what is missing;
 - compressed shards (index.json `zip_data`, e.g. the published Ettin phases' `.mds.zstd`) are
@@ -36,12 +36,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from ettin.data.dataset import (
+from ettin.data.shards import (
     INDEX,
     META,
     DataError,
     check_shard_header,
     is_remote,
+    join,
     read_index,
     shard_hash_problem,
 )
@@ -69,14 +70,6 @@ CREDENTIALS = {
 
 class RemoteError(DataError):
     """A remote split that cannot be reached or read: names the URL and what to set."""
-
-
-def join(base: str, *parts: str) -> str:
-    """`base/part/...` for URLs and local paths alike."""
-    out = str(base).rstrip("/")
-    for p in parts:
-        out = f"{out}/{str(p).strip('/')}"
-    return out
 
 
 def _scheme(url: str) -> str:
