@@ -165,14 +165,16 @@ def cmd_audit(args: argparse.Namespace) -> None:
 
 
 def _split_dirs(root):
-    """Every MDS split (a folder with index.json) at or under `root`, skipping temp folders."""
+    """Every MDS split (a folder with index.json) at or under `root`, skipping temp folders and
+    the per-source subfolders of a merged split (their index.json is part of the split's)."""
     if (root / "index.json").is_file():
         return [root]
-    return sorted(
+    found = sorted(
         p.parent
         for p in root.rglob("index.json")
         if not any(part.startswith(".") for part in p.relative_to(root).parts)
     )
+    return [d for d in found if not any(o in d.parents for o in found)]
 
 
 def cmd_verify(args: argparse.Namespace) -> None:

@@ -30,8 +30,9 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from ettin.data.remote import fetch_split, needs_decompression
+from ettin.data.remote import RemoteError, fetch_split, needs_decompression, probe_remote
 from ettin.data.shards import (
+    INDEX,
     INPUT_IDS,
     META,
     DataError,
@@ -39,6 +40,7 @@ from ettin.data.shards import (
     check_tokenizer,
     corruption_message,
     is_remote,
+    join,
     read_index,
     read_meta,
     shard_hash_problem,
@@ -128,6 +130,32 @@ def _fetch_remote(remote: str, split: str, local_cache: str | None) -> Path:
     return fetch_split(remote, split, local_cache)
 
 
+SPLIT_ALIASES = {"val": "validation", "validation": "val"}
+"""Split names that stand for each other: `ettin prep` writes `val`, the published Ettin phases
+(and the reference's `create_final_dataset_index.py`) `validation`."""
+
+
+def _split_exists(path: str, split: str) -> bool:
+    """Whether `<path>/<split>/index.json` is there (for a remote, one quick probe; schemes
+    that cannot be probed count as present)."""
+    if not is_remote(path):
+        return (Path(path) / split / INDEX).is_file()
+    try:
+        probe_remote(join(path, split, INDEX))
+    except RemoteError:
+        return False
+    return True
+
+
+def resolve_split(path: str, split: str) -> str:
+    """`split`, or its alias (`val` <-> `validation`) when only the alias is there."""
+    other = SPLIT_ALIASES.get(split)
+    if other and not _split_exists(path, split) and _split_exists(path, other):
+        log.info("%s has no '%s' split; using '%s' (its other name)", path, split, other)
+        return other
+    return split
+
+
 def _source_root(path: str, split: str, local_cache: str | None) -> Path:
     """The local phase folder to read: `path` itself, or `local_cache` after fetching `path`
     (remote) or decompressing it (a local split of compressed shards, with `local_cache` set)."""
@@ -162,6 +190,7 @@ class TokenDataset(Dataset):
         from streaming.base.spanner import Spanner
 
         path = str(path)
+        split = resolve_split(path, split)
         root = _source_root(path, split, local_cache)
         split_dir = root / split
         index = read_index(split_dir)

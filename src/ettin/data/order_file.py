@@ -17,7 +17,8 @@ renumbered into one sequence for the phase, each folder continuing where the pre
 beginning with the first folder's first step. So step `first_step + k` of a `Replay` is the k-th
 step of the phase: what skip ranges, resumption and errors name.
 
-A remote order file (s3://, gs://, hf://, memory://, anything fsspec reads) is fetched into
+A remote order file (s3:// with boto3 and S3_ENDPOINT_URL like the shards; gs://, hf://,
+memory://, anything else fsspec reads) is fetched into
 `<local_cache>/order_file/<hash of the URL>/` keeping each part's path relative to the URL, so
 parts of different folders never share a file; two parts that would (names equal up to case, on
 a case-insensitive disk) stop the run naming both. Only the selected phase is downloaded.
@@ -38,6 +39,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ettin.data.remote import download_s3, list_s3
 from ettin.data.shards import DataError, is_remote
 
 if TYPE_CHECKING:
@@ -137,10 +139,37 @@ def check_collisions(rels: list[str], source: str) -> None:
         seen[key] = r
 
 
+def _listing(url: str):
+    """(is a folder, {relative path: bytes} of its .parquet files, get(rel, dest)) of a remote
+    order file: boto3 for s3:// (S3_ENDPOINT_URL, as the shards), fsspec for other schemes."""
+    from urllib.parse import urlparse
+
+    if urlparse(url).scheme == "s3":
+        folder, sizes = list_s3(url, ".parquet")
+
+        def get(rel: str, dest: Path) -> None:
+            download_s3(f"{url.rstrip('/')}/{rel}" if rel else url, dest)
+
+        return folder, sizes, get
+    try:
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(url)
+        if fs.isdir(root):
+            base = root.rstrip("/")
+            found = [p for p in fs.find(root) if p.endswith(".parquet")]
+            sizes = {PurePosixPath(p).relative_to(base).as_posix(): fs.size(p) for p in found}
+            return True, sizes, lambda rel, dest: fs.get_file(f"{base}/{rel}", str(dest))
+        sizes = {PurePosixPath(root).name: fs.size(root)}
+        return False, sizes, lambda rel, dest: fs.get_file(root, str(dest))
+    except (ImportError, OSError, ValueError) as err:
+        raise DataError(f"cannot list the order file {url}: {err}") from err
+
+
 def fetch_order_file(
     path: str, local_cache: str | None, phase: str | None = None
 ) -> list[tuple[str, Path]]:
-    """Local copies of the parts of a remote order file (s3://, gs://, hf://, ...), via fsspec.
+    """Local copies of the parts of a remote order file (s3://, gs://, hf://, ...).
 
     Each part goes to `cache_dest(path)/<its path relative to path>`; a part already there with
     the right size is not fetched again. Local rank 0 downloads, the other ranks wait.
@@ -154,38 +183,25 @@ def fetch_order_file(
 
     dest = cache_dest(path, local_cache)
     with dist.run_local_rank_zero_first():
-        try:
-            import fsspec
-
-            fs, root = fsspec.core.url_to_fs(path)
-            if fs.isdir(root):
-                base = root.rstrip("/")
-                found = [p for p in fs.find(root) if p.endswith(".parquet")]
-                rels = [PurePosixPath(p).relative_to(base).as_posix() for p in found]
-                rels = select_parts(rels, phase, path)
-                remote = {r: f"{base}/{r}" for r in rels}
-            else:
-                if phase:
-                    raise DataError(
-                        f"data.order_phase={phase} picks folders of an order-file tree, but "
-                        f"{path} is one file: drop data.order_phase or name the tree's root"
-                    )
-                rels = [PurePosixPath(root).name]
-                remote = {rels[0]: root}
-        except (ImportError, OSError, ValueError) as err:
-            if isinstance(err, DataError):
-                raise
-            raise DataError(f"cannot list the order file {path}: {err}") from err
+        folder, sizes, get = _listing(path)
+        if folder:
+            rels = select_parts(list(sizes), phase, path)
+        elif phase:
+            raise DataError(
+                f"data.order_phase={phase} picks folders of an order-file tree, but {path} is "
+                f"one file: drop data.order_phase or name the tree's root"
+            )
+        else:
+            rels = list(sizes)
         check_collisions(rels, path)
         if dist.get_local_rank() == 0:
             for rel in rels:
                 local = dest / rel
-                size = fs.size(remote[rel])
-                if local.exists() and local.stat().st_size == size:
+                if local.exists() and local.stat().st_size == sizes[rel]:
                     continue
                 local.parent.mkdir(parents=True, exist_ok=True)
                 tmp = local.with_name(f".{local.name}.tmp")
-                fs.get_file(remote[rel], str(tmp))
+                get(rel if folder else "", tmp)
                 tmp.replace(local)
     return [(rel, dest / rel) for rel in rels]
 

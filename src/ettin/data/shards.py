@@ -104,6 +104,17 @@ def read_index(split_dir: Path) -> dict:
             if isinstance(shard["raw_data"], dict)
             else f"#{n}"
         )
+        for key in ("raw_data", "zip_data"):
+            rel = (
+                (shard.get(key) or {}).get("basename") if isinstance(shard.get(key), dict) else None
+            )
+            if rel is not None and (
+                not isinstance(rel, str) or rel.startswith("/") or ".." in rel.split("/")
+            ):
+                raise DataError(
+                    f"{index_file}: shard #{n} has {key} basename {rel!r}; a shard must be a path "
+                    f"inside its split folder (e.g. shard.00000.mds or dclm/shard.00000.mds)"
+                )
         cols = dict(zip(shard["column_names"], shard["column_encodings"]))
         if INPUT_IDS not in cols:
             raise DataError(
