@@ -532,3 +532,21 @@ def test_rows_per_step_follow_the_batch_size_warmup(tok, tmp_path):
     assert "steps differ from the run's batch-size schedule (batch-size warm-up from 4" in msg
     assert "step 0 has 8 samples but the run's global batch at that step is 4" in msg
     assert "global_train_batch_size=8 and data.batch_size_warmup_tokens=0tok" in msg
+
+
+def test_remote_order_tree_keeps_every_part(tok, tmp_path):
+    """The tree at an fsspec URL (memory://): both folders' parts are cached under their own
+    relative paths, so no part replaces another (before: cached by bare file name, the second
+    folder overwrote the first and half the rows were lost without a word)."""
+    import fsspec
+    from helpers import write_order_tree
+
+    local = tmp_path / "tree"
+    rows = write_order_tree(
+        local, tok, {"checkpoint_000000": 4, "checkpoint_000001": 2}, batch=BATCH
+    )
+    fs = fsspec.filesystem("memory")
+    for p in local.rglob("*.parquet"):
+        fs.pipe(f"/order-tree/{p.relative_to(local).as_posix()}", p.read_bytes())
+    spec = _spec(tok, "clm", order_file="memory://order-tree", local_cache=str(tmp_path / "c"))
+    assert_each_once(_epoch_rows(spec), rows["checkpoint_000000"] + rows["checkpoint_000001"])
