@@ -94,6 +94,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_replay(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     from ettin.data.replay import check_fits
 
     path = args.order
@@ -119,8 +121,13 @@ def cmd_replay(args: argparse.Namespace) -> None:
                 )
             checked += 1
     print(
-        f"{path}: {replay.num_steps} steps (from step {replay.first_step}), {replay.num_rows} samples"
+        f"{replay.source}: {replay.num_steps} steps (from step {replay.first_step}), "
+        f"{replay.num_rows} samples"
     )
+    if len(replay.names) > 1:
+        folders = list(dict.fromkeys(str(Path(n).parent) for n in replay.names))
+        print(f"  {len(replay.names)} parts in {len(folders)} folders: {', '.join(folders[:6])}"
+              + (", ..." if len(folders) > 6 else ""))  # fmt: skip
     if shards is None:
         print(
             f"  the file holds the tokens (no shards read): every row fits max_seq_len="
@@ -132,10 +139,8 @@ def cmd_replay(args: argparse.Namespace) -> None:
     if checked:
         print(f"  input_ids of the first {checked} rows match the dataset after the sample rules")
     print(f"  steps per epoch when replayed: {len(order.kept(0))}")
-    print(
-        "train from it: "
-        + " ".join(["ettin train", args.config, *args.overrides, f"data.order_file={path}"])
-    )
+    extra = [f"data.order_file={path}"] if args.order else []
+    print("train from it: " + " ".join(["ettin train", args.config, *args.overrides, *extra]))
 
 
 def _run_packs(recorded: str) -> bool | None:
