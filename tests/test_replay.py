@@ -550,3 +550,10 @@ def test_remote_order_tree_keeps_every_part(tok, tmp_path):
         fs.pipe(f"/order-tree/{p.relative_to(local).as_posix()}", p.read_bytes())
     spec = _spec(tok, "clm", order_file="memory://order-tree", local_cache=str(tmp_path / "c"))
     assert_each_once(_epoch_rows(spec), rows["checkpoint_000000"] + rows["checkpoint_000001"])
+
+
+def test_order_phase_needs_an_order_file():
+    from ettin.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data.order_phase=ext picks folders of data.order_file"):
+        DataConfig(path="/x", order_phase="ext")
