@@ -557,3 +557,21 @@ def test_order_phase_needs_an_order_file():
 
     with pytest.raises(ConfigError, match=r"data.order_phase=ext picks folders of data.order_file"):
         DataConfig(path="/x", order_phase="ext")
+
+
+def test_phase_of_a_part_is_its_own_folder_however_deep():
+    """A tree below another folder (e.g. a repo's `data/`) is still split by phase folder, never
+    merged across phases; hidden files are skipped."""
+    from ettin.data.order_file import select_parts
+
+    rels = [
+        "data/checkpoint_000000/steps_000001_to_000100.parquet",
+        "data/checkpoint_000100/steps_000001_to_000100.parquet",
+        "data/ext_000000/steps_000001_to_000100.parquet",
+        "data/.cache/ext_000000/steps_000001_to_000100.parquet",
+    ]
+    with pytest.raises(ValueError, match=r"several phases \(checkpoint, ext\)"):
+        select_parts(rels, None, "tree")
+    assert select_parts(rels, "ext", "tree") == [rels[2]]
+    assert select_parts(rels, "checkpoint_0001*", "tree") == [rels[1]]
+    assert select_parts(rels[:2], None, "tree") == rels[:2]

@@ -72,29 +72,37 @@ def _phase_of(top: str) -> str:
     return m.group(1) if m and m.group(1) else top
 
 
+def _leaf(rel: str) -> str:
+    """The name of the folder holding part `rel` ("" for a part at the top)."""
+    return PurePosixPath(_folder(rel)).name if _folder(rel) else ""
+
+
 def select_parts(rels: list[str], phase: str | None, source: str) -> list[str]:
-    """The parts (paths relative to the order file's root) of the phase to train on."""
+    """The parts (paths relative to the order file's root) of the phase to train on. A part's
+    phase is that of the folder holding it (`ext_000123` -> `ext`), however deep it sits."""
     rels = [r for r in rels if not any(p.startswith(".") for p in PurePosixPath(r).parts)]
     if not rels:
         raise DataError(f"{source}: no .parquet parts in it or in its sub-folders")
-    tops = sorted({PurePosixPath(r).parts[0] if "/" in r else "" for r in rels}, key=_natural)
+    leaves = sorted({_leaf(r) for r in rels}, key=_natural)
     if phase:
         glob = any(c in phase for c in "*?[")
-        chosen = {
-            t
-            for t in tops
-            if t
-            and (fnmatch.fnmatchcase(t, phase) if glob else t == phase or _phase_of(t) == phase)
-        }
-        if not chosen:
-            have = ", ".join(t or "(parts at the top)" for t in tops)
+
+        def chosen(leaf: str) -> bool:
+            if not leaf:
+                return False
+            return fnmatch.fnmatchcase(leaf, phase) if glob else phase in (leaf, _phase_of(leaf))
+
+        picked = [r for r in rels if chosen(_leaf(r))]
+        if not picked:
+            have = ", ".join(leaf or "(parts at the top)" for leaf in leaves[:8])
+            more = ", ..." if len(leaves) > 8 else ""
             raise DataError(
-                f"{source}: data.order_phase={phase} matches none of its folders ({have}); give "
-                f"one of {'|'.join(PHASES)} or a glob of folder names, or data.order_phase=null "
-                f"for a folder of one phase"
+                f"{source}: data.order_phase={phase} matches none of its folders ({have}{more}); "
+                f"give one of {'|'.join(PHASES)} or a glob of folder names, or "
+                f"data.order_phase=null for a folder of one phase"
             )
-        return [r for r in rels if "/" in r and PurePosixPath(r).parts[0] in chosen]
-    phases = sorted({_phase_of(t) for t in tops}, key=_natural)
+        return picked
+    phases = sorted({_phase_of(leaf) for leaf in leaves}, key=_natural)
     if len(phases) > 1:
         names = ", ".join(p or "(parts at the top)" for p in phases)
         raise DataError(
