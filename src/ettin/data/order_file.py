@@ -9,7 +9,8 @@ folder of parts, or the published tree (`jhu-clsp/ettin-data-order`):
 Its step numbers restart at 1 in each folder. `data.order_file` names the root, one folder or
 one file; `data.order_phase` (`checkpoint`, `ext`, `decay`, or a glob of folder names such as
 `ext_00*`) picks the folders of one phase from a root that holds several (a root with several
-phases and no `order_phase` is refused). Parts are found recursively (names starting with `.`
+phases and no `order_phase` is refused); a part's phase is that of the folder holding it, at any
+depth. Parts are found recursively (names starting with `.`
 skipped) and ordered by (folder, first step): folders in natural order (`ext_2` before
 `ext_10`), parts by the first `step` they hold, whatever their names. Inside a folder the parts
 must not overlap in steps and the steps must be contiguous; the folders' steps are then
@@ -47,8 +48,6 @@ if TYPE_CHECKING:
 
 PHASES = ("checkpoint", "ext", "decay")
 """The phase folders' prefixes in the published tree (`checkpoint_NNNNNN`, `ext_...`, `decay_...`)."""
-ORDER_COLUMNS = ("step", "sample_id")
-"""Columns of a sample-id order file; `epoch` (mask epoch) and `input_ids` are optional."""
 PUBLISHED_COLUMNS = ("step", "input_ids")
 """Columns of the published `ettin-data-order` files (`ettin order export --format ettin`)."""
 
@@ -285,7 +284,7 @@ def _arrange(parts: list[_Part], source: str, has_tokens: bool) -> dict[str, np.
     gaps are refused."""
     out: dict[str, list[np.ndarray]] = {c: [] for c in parts[0].cols}
     next_step: int | None = None
-    i = 0
+    i = row0 = 0  # first part and first row of the folder
     while i < len(parts):
         j = i
         while j < len(parts) and parts[j].folder == parts[i].folder:
@@ -308,7 +307,7 @@ def _arrange(parts: list[_Part], source: str, has_tokens: bool) -> dict[str, np.
             if has_tokens:
                 part, local = _part_of_row(group, row)
                 raise DataError(
-                    f"{source}: row {row} has step {int(steps[row])} after step "
+                    f"{source}: row {row0 + row} has step {int(steps[row])} after step "
                     f"{int(steps[row - 1])} (in {part.name}, its row {local}); the rows of a token "
                     f"order file must be sorted by step (sort the file by `step`, keeping the "
                     f"order inside each step)"
@@ -329,7 +328,7 @@ def _arrange(parts: list[_Part], source: str, has_tokens: bool) -> dict[str, np.
         next_step = int(cols["step"][-1]) + 1
         for c in out:
             out[c].append(cols[c])
-        i = j
+        i, row0 = j, row0 + len(steps)
     return {c: np.concatenate(v) for c, v in out.items()}
 
 
