@@ -95,7 +95,8 @@ def parse_bytes(value: Any, where: str = "data.cache_limit", error: type = Value
 @dataclass(kw_only=True)
 class DataConfig:
     path: str = MISSING
-    """Folder (or remote URI) of one phase's MDS shards, holding train/ and val/ splits."""
+    """Folder (or remote URI) of one phase's MDS shards, holding train/ and val/ (or validation/)
+    splits; a split's shards may sit in per-source subfolders merged into its index.json."""
     local_cache: str | None = None
     """Local download folder when `path` is remote (s3://, gs://, ...)."""
     train_split: str = "train"
