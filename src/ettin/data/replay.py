@@ -96,12 +96,12 @@ def check_fits(
         first = int(sizes[0])
         if (sizes == first).all():
             fix = (
-                f"the file holds {first} rows in every step: train on it with "
+                f"The file holds {first} rows in every step: train on it with "
                 f"global_train_batch_size={first} and data.batch_size_warmup_tokens=0tok"
             )
         else:
             fix = (
-                f"the file's steps hold {int(sizes.min())} to {int(sizes.max())} rows: set "
+                f"The file's steps hold {int(sizes.min())} to {int(sizes.max())} rows: set "
                 f"global_train_batch_size and data.batch_size_warmup_* to the schedule that made "
                 f"it (`ettin order replay` lists its sizes)"
             )
