@@ -575,3 +575,21 @@ def test_phase_of_a_part_is_its_own_folder_however_deep():
     assert select_parts(rels, "ext", "tree") == [rels[2]]
     assert select_parts(rels, "checkpoint_0001*", "tree") == [rels[1]]
     assert select_parts(rels[:2], None, "tree") == rels[:2]
+
+
+def test_row_errors_name_the_renumbered_step_and_the_part(tok, tmp_path):
+    import pyarrow.parquet as pq
+    from helpers import write_order_tree
+
+    root = tmp_path / "tree"
+    write_order_tree(root, tok, {"ext_000000": 2, "ext_000001": 2}, batch=BATCH)
+    part = root / "ext_000001" / "steps_000001_to_000002.parquet"
+    table = pq.read_table(part)
+    ids = table.column("input_ids").to_pylist()
+    ids[0] = [tok.cls_token_id] + [1] * 60
+    pq.write_table(table.set_column(1, "input_ids", pa.array(ids, pa.list_(pa.uint32()))), part)
+    with pytest.raises(
+        ValueError,
+        match=r"step 3, row 16 \(in ext_000001/steps_000001_to_000002.parquet\) holds 61 tokens",
+    ):
+        _spec(tok, "clm", order_file=str(root))

@@ -388,6 +388,14 @@ class Replay:
     def step_of_row(self, row: int) -> int:
         return self.first_step + int(np.searchsorted(self.bounds, row, side="right")) - 1
 
+    def where(self, row: int) -> str:
+        """`step S, row R` of a row (plus its part when the file has several) for messages."""
+        out = f"step {self.step_of_row(row)}, row {row}"
+        if len(self.names) > 1 and self.groups is not None:
+            g = int(np.searchsorted(self.groups[:, 2], row, side="right")) - 1
+            out += f" (in {self.names[int(self.groups[g, 0])]})"
+        return out
+
     @classmethod
     def open(
         cls, path: str | Path, *, local_cache: str | None = None, phase: str | None = None
@@ -482,7 +490,7 @@ class Replay:
 
 def too_long(rep: Replay, row: int, n: int, max_seq_len: int) -> str:
     return (
-        f"{rep.source}: step {rep.step_of_row(row)}, row {row} holds {n} tokens, more than "
+        f"{rep.source}: {rep.where(row)} holds {n} tokens, more than "
         f"data.max_seq_len={max_seq_len}; the file was made for longer sequences: train with "
         f"data.max_seq_len={n} or more"
     )
@@ -490,7 +498,7 @@ def too_long(rep: Replay, row: int, n: int, max_seq_len: int) -> str:
 
 def out_of_vocab(rep: Replay, row: int, token: int, vocab: int) -> str:
     return (
-        f"{rep.source}: step {rep.step_of_row(row)}, row {row} holds token id {token}, outside "
+        f"{rep.source}: {rep.where(row)} holds token id {token}, outside "
         f"the tokenizer's {vocab} ids; the file was made with another tokenizer: use that one "
         f"(config key `tokenizer`)"
     )

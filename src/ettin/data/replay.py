@@ -167,7 +167,7 @@ class OrderTokens(Dataset):
                     row,
                     len(raw),
                 )
-        ids = rules.apply(raw, where=f"{rep.source}: step {rep.step_of_row(row)}, row {row}")
+        ids = rules.apply(raw, where=f"{rep.source}: {rep.where(row)}")
         gid = int(rep.sample_ids[row]) if rep.sample_ids is not None else row
         return gid, ids
 
