@@ -108,7 +108,7 @@ def write_phase(
     meta: dict | None = None,
 ) -> Path:
     """A prepared phase: meta.json with the tokenizer fingerprint and one MDS folder per split."""
-    from ettin.data.dataset import _fingerprint
+    from ettin.data.shards import fingerprint as _fingerprint
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -215,3 +215,85 @@ def tiny_config(world: Path, run: str, objective: str, *extra: str) -> Any:
             *extra,
         ],
     )
+
+
+# ---------------------------------------------------------------- published artefacts, mocked
+
+
+def order_row(tok: Any, r: int, words: int = WORDS) -> list[int]:
+    """Row `r` of a mock order tree: [CLS], its number in three base-`words` digits, [SEP]
+    (unique per row, so every row can be counted where it is trained)."""
+    digits = [r % words, (r // words) % words, r // (words * words)]
+    return [tok.cls_token_id, *digits, tok.sep_token_id]
+
+
+def write_order_tree(
+    root: str | Path,
+    tok: Any,
+    folders: dict[str, int],
+    *,
+    batch: int,
+    steps_per_part: int = 2,
+    first_row: int = 0,
+) -> dict[str, list[list[int]]]:
+    """A mock `jhu-clsp/ettin-data-order` tree as its card lays it out: `<root>/<folder>/
+    steps_000001_to_000002.parquet, steps_000003_to_000004.parquet, ...` (columns `step`,
+    `input_ids` uint32), step numbers restarting at 1 in every folder, `batch` rows per step.
+    `folders` maps each folder name (e.g. `checkpoint_000000`) to its number of steps. Returns
+    each folder's rows in step order (rows are unique across the tree: `order_row`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = Path(root)
+    out: dict[str, list[list[int]]] = {}
+    r = first_row
+    for folder, steps in folders.items():
+        out[folder] = []
+        for a in range(1, steps + 1, steps_per_part):
+            b = min(a + steps_per_part - 1, steps)
+            step_col, rows = [], []
+            for s in range(a, b + 1):
+                for _ in range(batch):
+                    rows.append(order_row(tok, r))
+                    step_col.append(s)
+                    r += 1
+            out[folder] += rows
+            path = root / folder / f"steps_{a:06d}_to_{b:06d}.parquet"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            table = pa.table(
+                {
+                    "step": pa.array(step_col, pa.int64()),
+                    "input_ids": pa.array(rows, pa.list_(pa.uint32())),
+                }
+            )
+            pq.write_table(table, path)
+    return out
+
+
+def write_reference_phase(
+    root: str | Path, splits: dict[str, dict[str, Sequence[np.ndarray]]], size_limit: int = 2048
+) -> Path:
+    """A phase as the published Ettin phases hold it: per split, one folder per source written by
+    the reference's `MDSWriter(columns={'input_ids': 'ndarray:uint32', 'id': 'str'},
+    compression='zstd')`, merged into `<split>/index.json` with Streaming's `merge_index` (as the
+    reference's create_final_dataset_index.py does); no meta.json. Shard basenames in the merged
+    index are `<source>/shard.NNNNN.mds(.zstd)`."""
+    from streaming import MDSWriter
+    from streaming.base.util import merge_index
+
+    root = Path(root)
+    for split, sources in splits.items():
+        for source, samples in sources.items():
+            with MDSWriter(
+                out=str(root / split / source),
+                columns={"input_ids": "ndarray:uint32", "id": "str"},
+                compression="zstd",
+                hashes=["sha1", "xxh64"],
+                size_limit=size_limit,
+            ) as w:
+                for i, ids in enumerate(samples):
+                    w.write({"input_ids": np.asarray(ids, np.uint32), "id": f"{source}-{i}"})
+        merge_index(
+            [str(p) for p in sorted((root / split).glob("*/index.json"))], str(root / split)
+        )
+    return root

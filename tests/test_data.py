@@ -277,3 +277,50 @@ def test_workers_do_not_change_batches(phase, tok):
     b = list(_spec(phase, tok, num_workers=2).dataloader)[:4]
     for x, y in zip(a, b):
         assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+# --------------------------------------------------------------------------- the data rooms' imports
+
+
+def _data_imports() -> dict[str, set[str]]:
+    """ettin.data.<module> -> the ettin modules it imports, module- and function-level alike."""
+    import ast
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "src" / "ettin" / "data"
+    out: dict[str, set[str]] = {}
+    for f in sorted(src.glob("*.py")):
+        name = "ettin.data" if f.stem == "__init__" else f"ettin.data.{f.stem}"
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found.add(node.module)
+                found.update(f"{node.module}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.Import):
+                found.update(a.name for a in node.names)
+        out[name] = {m for m in found if m.startswith("ettin.")}
+    return out
+
+
+def test_data_imports_neither_prep_nor_train_and_has_no_cycle():
+    """Issue #23: nothing in ettin.data imports ettin.prep or ettin.train (not even inside a
+    function), and the data modules import each other in one direction only."""
+    imports = _data_imports()
+    upward = sorted(
+        f"{m} -> {t}"
+        for m, ts in imports.items()
+        for t in ts
+        if t.startswith(("ettin.prep", "ettin.train"))
+    )
+    assert not upward, upward
+    modules = set(imports)
+    graph = {m: {t for t in ts if t in modules and t != m} for m, ts in imports.items()}
+    graph.pop("ettin.data")  # the package's lazy names point at every module
+
+    def reaches(a: str, b: str, seen: set[str]) -> bool:
+        return any(
+            n == b or (n not in seen and reaches(n, b, seen | {n})) for n in graph.get(a, ())
+        )
+
+    cycles = sorted(f"{a} <-> {b}" for a in graph for b in graph[a] if reaches(b, a, {b}))
+    assert not cycles, cycles

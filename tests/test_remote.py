@@ -498,3 +498,112 @@ def test_streaming_order_two_ranks_see_the_global_batches_of_one(world):
     assert sorted(a) == sorted(b) == list(range(6))
     for k in a:
         assert abs(a[k] - b[k]) < 1e-4, (k, a[k], b[k])
+
+
+# --------------------------------------------------------------------------- the published artefacts
+
+
+def _put(s3, key: str, path: Path) -> None:
+    s3.put_object(Bucket=BUCKET, Key=key, Body=path.read_bytes())
+
+
+def test_order_tree_from_s3_trains_every_row_once_and_collisions_stop(world, s3, tmp_path):
+    """An order tree of two folders of one phase (steps restarting at 1, the same part names in
+    both) trains from s3:// with every row exactly once: the cache keeps each part's relative
+    path (before: cached under bare names, half the rows were silently lost). Two parts that
+    would land on one cache file stop the run naming both, before anything is downloaded."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from helpers import write_order_tree
+    from test_replay import _tree_cfg, assert_each_once, trained_rows
+    from transformers import AutoTokenizer
+
+    from ettin.train import build_trainer
+
+    tok = AutoTokenizer.from_pretrained(str(world / "tokenizer"))
+    local = tmp_path / "tree"
+    rows = write_order_tree(local, tok, {"checkpoint_000000": 4, "checkpoint_000001": 4}, batch=8)
+    parts = sorted(p.relative_to(local).as_posix() for p in local.rglob("*.parquet"))
+    for rel in parts:
+        _put(s3, f"order/{rel}", local / rel)
+    cache = tmp_path / "cache"
+    url = f"s3://{BUCKET}/order"
+    cfg = _tree_cfg(world, "tree-s3", url, "max_duration=8ba", f"data.local_cache={cache}")
+    assert_each_once(trained_rows(cfg), rows["checkpoint_000000"] + rows["checkpoint_000001"])
+    cached = [p.relative_to(cache / "order_file") for p in cache.rglob("*.parquet")]
+    assert sorted(p.as_posix().split("/", 1)[1] for p in cached) == parts
+    # two parts whose paths differ only in case would share a file on a case-insensitive disk
+    part = local / "checkpoint_000001" / "steps_000001_to_000002.parquet"
+    _put(s3, "clash/ext_000000/steps_000001_to_000002.parquet", part)
+    table = pq.read_table(part)
+    later = table.set_column(0, "step", pa.array(table.column("step").to_numpy() + 2, pa.int64()))
+    pq.write_table(later, tmp_path / "later.parquet")
+    _put(s3, "clash/ext_000000/STEPS_000001_to_000002.parquet", tmp_path / "later.parquet")
+    clash = f"data.local_cache={tmp_path / 'cache2'}"
+    bad = _tree_cfg(world, "tree-clash", f"s3://{BUCKET}/clash", "max_duration=2ba", clash)
+    with pytest.raises(
+        ValueError,
+        match=r"parts ext_000000/STEPS_000001_to_000002.parquet and "
+        r"ext_000000/steps_000001_to_000002.parquet would be stored as one file",
+    ):
+        build_trainer(bad)
+    assert not list((tmp_path / "cache2").rglob("*.parquet"))
+
+
+def test_subfolder_zstd_phase_trains_via_local_cache_and_validation_is_found(
+    world, s3, tmp_path, capsys
+):
+    """A phase as published: per-source subfolders of zstd shards (the reference's MDSWriter)
+    merged into one index per split, splits `train` and `validation`, no meta.json. It trains
+    through data.local_cache (decompressed into the cache's subfolders, which used to fail as
+    'damaged'), evaluates on `validation` with the default data.eval_split=val, `ettin data
+    verify` / `decompress` treat each split as one, and it is fetched from s3:// alike."""
+    from helpers import metric_rows, write_reference_phase
+    from transformers import AutoTokenizer
+
+    from ettin.cli import main
+    from ettin.data.dataset import SampleRules, TokenDataset
+    from ettin.train import train
+
+    tok = AutoTokenizer.from_pretrained(str(world / "tokenizer"))
+    train_rows = {"dclm": counting_samples(tok, 120, 11), "books": counting_samples(tok, 80, 12)}
+    val_rows = {"dclm": counting_samples(tok, 24, 13), "books": counting_samples(tok, 16, 14)}
+    splits = {"train": train_rows, "validation": val_rows}
+    phase = write_reference_phase(tmp_path / "pretrain", splits)
+    index = json.loads((phase / "train" / "index.json").read_text())
+    sources = [s["zip_data"]["basename"].split("/")[0] for s in index["shards"]]
+    assert set(sources) == {"dclm", "books"}
+    n_all = sum(len(json.loads((phase / s / "index.json").read_text())["shards"]) for s in splits)
+    assert not list(phase.rglob("*.mds")) and not (phase / "val").exists()
+    cache = tmp_path / "cache"
+    run = (f"data.path={phase}", f"data.local_cache={cache}", "max_duration=4ba")
+    train(_cfg(world, "reference-phase", *run, "eval_interval=2ba"))
+    rows = metric_rows(world / "runs/reference-phase")
+    assert any("metrics/val/CrossEntropy" in r for r in rows), "no evaluation ran"
+    assert sorted(losses(world / "runs/reference-phase")) == list(range(4))
+    assert (cache / "train" / "dclm").is_dir() and (cache / "validation" / "books").is_dir()
+    rules = SampleRules.from_tokenizer(tok, max_seq_len=48, encoder=True)
+    cached = TokenDataset(cache, "train", rules, tokenizer=tok)
+    want = [row.tolist() for src in dict.fromkeys(sources) for row in train_rows[src]]
+    assert [cached.raw(i).tolist() for i in range(len(cached))] == want  # merged index order
+    # verify and decompress see two splits (the per-source index.json files belong to them)
+    main(["data", "verify", str(cache), "--quiet"])
+    assert f"OK: {n_all} shards in 2 splits under {cache}" in capsys.readouterr().out
+    main(["data", "decompress", str(phase), "--quiet"])
+    out = capsys.readouterr().out
+    assert f"decompressed {n_all} shards (0 already readable) in 2 splits under" in out
+    assert len(list(phase.rglob("*.mds"))) == n_all
+    main(["data", "verify", str(phase), "--quiet"])
+    assert "in 2 splits under" in capsys.readouterr().out
+    # from s3: fetched compressed into the cache's subfolders, checked; `validation` found
+    _upload(phase, f"s3://{BUCKET}/reference/pretrain")
+    remote = TokenDataset(
+        f"s3://{BUCKET}/reference/pretrain",
+        "val",
+        rules,
+        tokenizer=tok,
+        local_cache=str(tmp_path / "c2"),
+    )
+    assert remote.split == "validation" and len(remote) == 40
+    assert (tmp_path / "c2" / "validation" / "dclm").is_dir()
+    assert not list((tmp_path / "c2").rglob("*.zstd"))

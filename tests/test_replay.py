@@ -383,3 +383,213 @@ def test_rewind_with_skip_file_resumes_like_a_run_that_skipped(world):
     )
     report = audit(b, plan)
     assert report.ok and report.steps_compared == 9, str(report)
+
+
+# --------------------------------------------------------------------------- the published tree
+
+
+def _tree_cfg(world: Path, run: str, order_file: str, *extra: str):
+    """A CLM run (no masking: the batches are the rows) on an order tree alone."""
+    return load_config(
+        ROOT / "yamls/tiny/encoder.yaml",
+        [
+            "objective=clm",
+            f"tokenizer={world / 'tokenizer'}",
+            f"data_root={world / 'no-shards'}",
+            f"data.order_file={order_file}",
+            "data.eval_split=null",
+            f"run_dir={world / 'runs' / run}",
+            f"run_name={run}",
+            f"data.max_seq_len={SEQ}",
+            f"global_train_batch_size={BATCH}",
+            "logging.console_interval=100ba",
+            "callbacks.export_hf=false",
+            *extra,
+        ],
+    )
+
+
+def trained_rows(cfg) -> list[tuple[int, ...]]:
+    """Every row the run's batches held, in training order (a CLM batch is the rows, padded)."""
+    from composer.core import Callback
+
+    from ettin.train import build_trainer
+
+    seen: list[tuple[int, ...]] = []
+
+    class Capture(Callback):
+        def after_dataloader(self, state, logger):
+            ids, mask = state.batch["input_ids"], state.batch["attention_mask"]
+            seen.extend(tuple(r[m > 0].tolist()) for r, m in zip(ids, mask))
+
+    trainer = build_trainer(cfg)
+    trainer.state.callbacks.append(Capture())
+    trainer.fit()
+    trainer.close()
+    return seen
+
+
+def assert_each_once(seen: list[tuple[int, ...]], rows: list[list[int]]) -> None:
+    from collections import Counter
+
+    counts = Counter(seen)
+    want = Counter(tuple(r) for r in rows)
+    assert set(counts.values()) == {1}, "some rows were trained more than once"
+    assert counts == want, (
+        f"{len(want - counts)} rows of the phase never trained, {len(counts - want)} foreign rows"
+    )
+    assert seen == [tuple(r) for r in rows], "rows out of (folder, step) order"
+
+
+def test_order_tree_of_two_folders_trains_every_row_once(world, tok, tmp_path):
+    """The published layout (issue #22): a root of two folders of one phase, each with
+    `steps_000001_to_000002.parquet`, ... and steps restarting at 1. Every row trains exactly
+    once, folder by folder, step by step (before: 'folder holds no .parquet parts')."""
+    from helpers import write_order_tree
+
+    root = tmp_path / "ettin-data-order"
+    rows = write_order_tree(
+        root, tok, {"checkpoint_000000": 4, "checkpoint_000001": 4}, batch=BATCH
+    )
+    cfg = _tree_cfg(world, "tree-local", str(root), "max_duration=8ba")
+    assert_each_once(trained_rows(cfg), rows["checkpoint_000000"] + rows["checkpoint_000001"])
+
+
+def _epoch_rows(spec) -> list[tuple[int, ...]]:
+    return [
+        tuple(r[m > 0].tolist())
+        for b in spec.dataloader
+        for r, m in zip(b["input_ids"], b["attention_mask"])
+    ]
+
+
+def test_order_phase_picks_folders_and_bad_trees_are_refused(tok, tmp_path):
+    """data.order_phase (a phase or a glob) selects folders of the whole tree; a root of several
+    phases without it, overlapping parts and a phase that matches nothing stop the run naming
+    what to fix."""
+    from helpers import order_row, write_order_tree
+
+    root = tmp_path / "tree"
+    folders = {"checkpoint_000000": 4, "checkpoint_000001": 2, "ext_000000": 2, "decay_000000": 2}
+    rows = write_order_tree(root, tok, folders, batch=BATCH)
+    with pytest.raises(ValueError, match=r"several phases \(checkpoint, decay, ext\).*order_phase"):
+        _spec(tok, "clm", order_file=str(root))
+    for phase, names in [
+        ("checkpoint", ["checkpoint_000000", "checkpoint_000001"]),
+        ("ext", ["ext_000000"]),
+        ("checkpoint_*1", ["checkpoint_000001"]),
+    ]:
+        spec = _spec(tok, "clm", order_file=str(root), order_phase=phase)
+        assert_each_once(_epoch_rows(spec), [r for n in names for r in rows[n]])
+    spec = _spec(tok, "clm", order_file=str(root / "decay_000000"))  # one phase folder
+    assert_each_once(_epoch_rows(spec), rows["decay_000000"])
+    with pytest.raises(ValueError, match=r"order_phase=pretrain matches none of its folders"):
+        _spec(tok, "clm", order_file=str(root), order_phase="pretrain")
+    with pytest.raises(ValueError, match=r"order_phase=ext picks folders .* is one file"):
+        part = root / "ext_000000" / "steps_000001_to_000002.parquet"
+        _spec(tok, "clm", order_file=str(part), order_phase="ext")
+    # a part that repeats steps of its folder: both parts named, nothing trained
+    extra = pa.table(
+        {
+            "step": pa.array([2] * BATCH + [3] * BATCH, pa.int64()),
+            "input_ids": pa.array(
+                [order_row(tok, 9000 + i) for i in range(2 * BATCH)], pa.list_(pa.uint32())
+            ),
+        }
+    )
+    write_order(extra, root / "checkpoint_000000" / "steps_000002_to_000003.parquet")
+    with pytest.raises(
+        ValueError,
+        match=r"parts checkpoint_000000/steps_000001_to_000002.parquet \(steps 1-2\) and "
+        r"checkpoint_000000/steps_000002_to_000003.parquet \(steps 2-3\) overlap in steps 2-2",
+    ):
+        _spec(tok, "clm", order_file=str(root), order_phase="checkpoint")
+
+
+def test_rows_per_step_follow_the_batch_size_warmup(tok, tmp_path):
+    """The fit check follows the run's batch-size schedule, warm-up included: a file made with
+    the run's warm-up trains step by step; a file without one is refused, step by step."""
+    from helpers import order_row
+
+    warm = {"batch_size_warmup_tokens": f"{24 * SEQ}tok", "batch_size_warmup_min": 4}
+    schedule = BatchSchedule.from_config(
+        BATCH, warmup_tokens=warm["batch_size_warmup_tokens"], warmup_min=4, max_seq_len=SEQ
+    )
+    sizes = schedule.sizes(0, 8).tolist()
+    assert sizes[0] == 4 and sizes[-1] == BATCH  # the schedule does warm up
+    rows = [order_row(tok, i) for i in range(sum(sizes))]
+    steps = np.repeat(np.arange(len(sizes)), sizes)
+    table = pa.table(
+        {"step": pa.array(steps, pa.int64()), "input_ids": pa.array(rows, pa.list_(pa.uint32()))}
+    )
+    path = write_order(table, tmp_path / "warm.parquet")
+    spec = _spec(tok, "clm", order_file=str(path), **warm)
+    assert [len(b["input_ids"]) for b in spec.dataloader] == sizes
+    flat = write_order(_published(tok, steps=4), tmp_path / "flat.parquet")
+    with pytest.raises(ValueError) as err:
+        _spec(tok, "clm", order_file=str(flat), **warm)
+    msg = str(err.value)
+    assert "steps differ from the run's batch-size schedule (batch-size warm-up from 4" in msg
+    assert "step 0 has 8 samples but the run's global batch at that step is 4" in msg
+    assert "global_train_batch_size=8 and data.batch_size_warmup_tokens=0tok" in msg
+
+
+def test_remote_order_tree_keeps_every_part(tok, tmp_path):
+    """The tree at an fsspec URL (memory://): both folders' parts are cached under their own
+    relative paths, so no part replaces another (before: cached by bare file name, the second
+    folder overwrote the first and half the rows were lost without a word)."""
+    import fsspec
+    from helpers import write_order_tree
+
+    local = tmp_path / "tree"
+    rows = write_order_tree(
+        local, tok, {"checkpoint_000000": 4, "checkpoint_000001": 2}, batch=BATCH
+    )
+    fs = fsspec.filesystem("memory")
+    for p in local.rglob("*.parquet"):
+        fs.pipe(f"/order-tree/{p.relative_to(local).as_posix()}", p.read_bytes())
+    spec = _spec(tok, "clm", order_file="memory://order-tree", local_cache=str(tmp_path / "c"))
+    assert_each_once(_epoch_rows(spec), rows["checkpoint_000000"] + rows["checkpoint_000001"])
+
+
+def test_order_phase_needs_an_order_file():
+    from ettin.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data.order_phase=ext picks folders of data.order_file"):
+        DataConfig(path="/x", order_phase="ext")
+
+
+def test_phase_of_a_part_is_its_own_folder_however_deep():
+    """A tree below another folder (e.g. a repo's `data/`) is still split by phase folder, never
+    merged across phases; hidden files are skipped."""
+    from ettin.data.order_file import select_parts
+
+    rels = [
+        "data/checkpoint_000000/steps_000001_to_000100.parquet",
+        "data/checkpoint_000100/steps_000001_to_000100.parquet",
+        "data/ext_000000/steps_000001_to_000100.parquet",
+        "data/.cache/ext_000000/steps_000001_to_000100.parquet",
+    ]
+    with pytest.raises(ValueError, match=r"several phases \(checkpoint, ext\)"):
+        select_parts(rels, None, "tree")
+    assert select_parts(rels, "ext", "tree") == [rels[2]]
+    assert select_parts(rels, "checkpoint_0001*", "tree") == [rels[1]]
+    assert select_parts(rels[:2], None, "tree") == rels[:2]
+
+
+def test_row_errors_name_the_renumbered_step_and_the_part(tok, tmp_path):
+    import pyarrow.parquet as pq
+    from helpers import write_order_tree
+
+    root = tmp_path / "tree"
+    write_order_tree(root, tok, {"ext_000000": 2, "ext_000001": 2}, batch=BATCH)
+    part = root / "ext_000001" / "steps_000001_to_000002.parquet"
+    table = pq.read_table(part)
+    ids = table.column("input_ids").to_pylist()
+    ids[0] = [tok.cls_token_id] + [1] * 60
+    pq.write_table(table.set_column(1, "input_ids", pa.array(ids, pa.list_(pa.uint32()))), part)
+    with pytest.raises(
+        ValueError,
+        match=r"step 3, row 16 \(in ext_000001/steps_000001_to_000002.parquet\) holds 61 tokens",
+    ):
+        _spec(tok, "clm", order_file=str(root))

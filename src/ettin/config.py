@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar, get_args, get_origin, get_type_hints
@@ -83,16 +84,32 @@ class ObjectiveConfig:
                 raise ConfigError(f"objective.{name}={p} must be in (0, 1)")
 
 
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30, "tb": 1 << 40}
+
+
+def parse_bytes(value: Any, where: str = "data.cache_limit", error: type = ValueError) -> int:
+    """`500gb`, `1mb`, `16kb`, `4096` -> bytes (binary units, as Streaming's `bytes_to_int`)."""
+    if isinstance(value, int) and value > 0:
+        return value
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?b?)\s*", str(value).lower())
+    if not m or float(m.group(1)) <= 0:
+        raise error(f"{where}={value!r} is not a size: write e.g. 500gb, 64mb or 1048576 (bytes)")
+    return int(float(m.group(1)) * _BYTE_UNITS[m.group(2) if m.group(2) != "k" else "kb"])
+
+
 @dataclass(kw_only=True)
 class DataConfig:
     path: str = MISSING
-    """Folder (or remote URI) of one phase's MDS shards, holding train/ and val/ splits."""
+    """Folder (or remote URI) of one phase's MDS shards, holding train/ and val/ (or validation/)
+    splits; a split's shards may sit in per-source subfolders merged into its index.json."""
     local_cache: str | None = None
     """Local download folder when `path` is remote (s3://, gs://, ...)."""
     train_split: str = "train"
     """Sub-folder of `path` used for training."""
     eval_split: str | None = "val"
-    """Sub-folder used for evaluation; null disables evaluation."""
+    """Sub-folder used for evaluation; null disables evaluation. `val` (what `ettin prep` writes)
+    and `validation` (the published Ettin phases' name) stand for each other: when the one named
+    is absent and the other is there, the other is used."""
     max_seq_len: int = 1024
     """Samples are truncated to this many tokens (BOS and, for encoders, EOS included)."""
     packing: bool = False
@@ -103,7 +120,15 @@ class DataConfig:
     """Train on an order file (Parquet file or folder, local or remote) instead of the permutation:
     step k is the rows of its k-th step. With `sample_id` (`ettin order export`, the recorder) the
     ids index the shards; with `input_ids` (the published ettin-data-order: `step`, `input_ids`)
-    the file is the data and no shards are read. See docs/architecture.md, "Data loading and order"."""
+    the file is the data and no shards are read. A folder is searched recursively: the published
+    tree (`checkpoint_NNNNNN/`, `ext_NNNNNN/`, `decay_NNNNNN/` of `steps_*.parquet`, steps
+    restarting in each folder) is read with `order_phase`. See docs/architecture.md, "Data
+    loading and order"."""
+    order_phase: str | None = None
+    """Which folders of an order-file tree to train on: `checkpoint`, `ext` or `decay` (every
+    folder `<phase>_NNNNNN`), or a glob of folder names (`ext_00*`). Their parts are ordered by
+    (folder, first step) and their steps renumbered into one sequence. null: the whole of
+    `order_file` (refused if it holds several phases)."""
     skip_steps: list[list[int]] = field(default_factory=list)
     """Order steps never trained on: [[a, b], ...] drops a <= step < b (end excluded); the run
     trains the steps after them, its own step count going on. Merged with `<run_dir>/skip_steps.json`."""
@@ -142,9 +167,12 @@ class DataConfig:
         if self.shuffle_block_size is not None and self.shuffle_block_size <= 0:
             raise ConfigError(f"data.shuffle_block_size={self.shuffle_block_size} must be positive")
         if self.cache_limit is not None:
-            from ettin.data.streaming import parse_bytes
-
             parse_bytes(self.cache_limit, "data.cache_limit", error=ConfigError)
+        if self.order_phase is not None and not self.order_file:
+            raise ConfigError(
+                f"data.order_phase={self.order_phase} picks folders of data.order_file, which is "
+                f"not set: give data.order_file=<the order tree's root> or drop data.order_phase"
+            )
         if self.order == "streaming" and self.order_file:
             raise ConfigError(
                 "data.order_file replays the global order; it cannot be combined with "

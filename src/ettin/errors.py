@@ -32,3 +32,12 @@ def one_line_errors(prog: str, debug: bool) -> Iterator[None]:
             raise
         print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+
+
+class PrepError(ValueError):
+    """A problem with prep inputs (mixture file, source, tokenizer, a download) that the user must fix.
+
+    The message always names the file or source concerned and says what to do. Defined here,
+    below every room, because the tokenizer (`ettin.tokenizer`) and the download cache
+    (`ettin.cache`) raise it as well as `ettin.prep`.
+    """

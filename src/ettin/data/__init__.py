@@ -1,8 +1,13 @@
 """Data: MDS shards -> samples (sample rules) -> the global order -> batches (padding/packing).
 
-- `dataset`: `TokenDataset` over one split, its validation and `DataError`.
+- `shards`: a split on disk (index.json, shard files in the split or its subfolders), its
+  checks and `DataError`: the lowest module, imported by all the others.
+- `remote`: object stores and compressed shards, fetched (verified) into a local cache.
+- `dataset`: the sample rules and `TokenDataset` over one split.
+- `order_file`: order files (a file, a folder, the published tree): parts, fetch, step index.
 - `order`: the permutation/step/rank rule, batch-size warm-up, skip ranges, exact resumption.
-- `replay`: order files (recorded, exported or published): train from them, export, audit.
+- `replay`: training from order files (their tokens, the fit check), export, audit.
+- `streaming`: Streaming's own order for splits that do not fit a node.
 - `collate`: pad-to-longest or packing, with MLM masks from `ettin.objectives`.
 - `loader`: `build_dataloader(...) -> composer DataSpec`, with exact resumption.
 """
@@ -13,18 +18,12 @@ import importlib
 # and the data subcommands' `--help` need not import torch, Composer or Streaming.
 _NAMES = {
     "collate": ("Collator", "MaskSpec", "batch_sample_ids", "pack", "packing_efficiency"),
-    "dataset": ("DataError", "SampleRules", "TokenDataset"),
+    "dataset": ("SampleRules", "TokenDataset"),
+    "shards": ("DataError", "read_index", "verify_split"),
     "loader": ("EvalSampler", "OrderSampler", "TrainDataset", "build_dataloader"),
     "order": ("BatchSchedule", "DataOrder", "build_order", "permutation", "rank_slice"),
-    "replay": (
-        "AuditReport",
-        "OrderTokens",
-        "Replay",
-        "audit",
-        "export_order",
-        "read_order",
-        "write_order",
-    ),
+    "order_file": ("Replay", "read_order", "write_order"),
+    "replay": ("AuditReport", "OrderTokens", "audit", "check_fits", "export_order"),
 }
 _MODULE_OF = {name: module for module, names in _NAMES.items() for name in names}
 

@@ -26,7 +26,7 @@ def _load(config: str, overrides: list[str], order_file: str | None = None):
     from ettin.config import load_config
     from ettin.data.dataset import SampleRules, TokenDataset
     from ettin.data.replay import OrderTokens, Replay
-    from ettin.prep.tokenizer import default_tokenizer_dir, load_tokenizer
+    from ettin.tokenizer import default_tokenizer_dir, load_tokenizer
 
     cfg = load_config(config, overrides)
     tokenizer = load_tokenizer(cfg.tokenizer or default_tokenizer_dir())
@@ -34,7 +34,11 @@ def _load(config: str, overrides: list[str], order_file: str | None = None):
         tokenizer, max_seq_len=cfg.data.max_seq_len, encoder=cfg.objective.name == "mlm"
     )
     path = order_file or cfg.data.order_file
-    replay = Replay.open(path, local_cache=cfg.data.local_cache) if path else None
+    replay = (
+        Replay.open(path, local_cache=cfg.data.local_cache, phase=cfg.data.order_phase)
+        if path
+        else None
+    )
     shards = None
     if replay is None or replay.sample_ids is not None:
         shards = TokenDataset(
@@ -90,6 +94,10 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_replay(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from ettin.data.replay import check_fits
+
     path = args.order
     cfg, rules, shards, replay, data = _load(args.config, args.overrides, order_file=path)
     path = path or cfg.data.order_file
@@ -99,7 +107,7 @@ def cmd_replay(args: argparse.Namespace) -> None:
     sizes = replay.sizes
     checked = 0
     if replay.has_tokens:
-        replay.check_fits(order.schedule, cfg.data.max_seq_len, rules.vocab_size)
+        check_fits(replay, order.schedule, cfg.data.max_seq_len, rules.vocab_size)
         replay.check_rows(cfg.data.max_seq_len, rules.vocab_size)
     if replay.has_tokens and shards is not None:
         n = min(args.check_tokens, replay.num_rows)
@@ -113,8 +121,13 @@ def cmd_replay(args: argparse.Namespace) -> None:
                 )
             checked += 1
     print(
-        f"{path}: {replay.num_steps} steps (from step {replay.first_step}), {replay.num_rows} samples"
+        f"{replay.source}: {replay.num_steps} steps (from step {replay.first_step}), "
+        f"{replay.num_rows} samples"
     )
+    if len(replay.names) > 1:
+        folders = list(dict.fromkeys(str(Path(n).parent) for n in replay.names))
+        print(f"  {len(replay.names)} parts in {len(folders)} folders: {', '.join(folders[:6])}"
+              + (", ..." if len(folders) > 6 else ""))  # fmt: skip
     if shards is None:
         print(
             f"  the file holds the tokens (no shards read): every row fits max_seq_len="
@@ -126,10 +139,8 @@ def cmd_replay(args: argparse.Namespace) -> None:
     if checked:
         print(f"  input_ids of the first {checked} rows match the dataset after the sample rules")
     print(f"  steps per epoch when replayed: {len(order.kept(0))}")
-    print(
-        "train from it: "
-        + " ".join(["ettin train", args.config, *args.overrides, f"data.order_file={path}"])
-    )
+    extra = [f"data.order_file={path}"] if args.order else []
+    print("train from it: " + " ".join(["ettin train", args.config, *args.overrides, *extra]))
 
 
 def _run_packs(recorded: str) -> bool | None:
@@ -159,14 +170,16 @@ def cmd_audit(args: argparse.Namespace) -> None:
 
 
 def _split_dirs(root):
-    """Every MDS split (a folder with index.json) at or under `root`, skipping temp folders."""
+    """Every MDS split (a folder with index.json) at or under `root`, skipping temp folders and
+    the per-source subfolders of a merged split (their index.json is part of the split's)."""
     if (root / "index.json").is_file():
         return [root]
-    return sorted(
+    found = sorted(
         p.parent
         for p in root.rglob("index.json")
         if not any(part.startswith(".") for part in p.relative_to(root).parts)
     )
+    return [d for d in found if not any(o in d.parents for o in found)]
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
@@ -174,7 +187,7 @@ def cmd_verify(args: argparse.Namespace) -> None:
 
     from tqdm.auto import tqdm
 
-    from ettin.data.dataset import DataError, read_index, verify_split
+    from ettin.data.shards import DataError, read_index, verify_split
 
     root = Path(args.dir)
     if not root.is_dir():
@@ -204,8 +217,8 @@ def cmd_verify(args: argparse.Namespace) -> None:
 def cmd_decompress(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from ettin.data.dataset import DataError
     from ettin.data.remote import decompress_split
+    from ettin.data.shards import DataError
 
     root = Path(args.dir)
     if not root.is_dir():

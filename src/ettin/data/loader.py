@@ -28,9 +28,10 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from ettin.data.collate import Collator, MaskSpec
-from ettin.data.dataset import DataError, SampleRules, TokenDataset
+from ettin.data.dataset import SampleRules, TokenDataset
 from ettin.data.order import SKIP_FILE, DataOrder, build_order, rank_slice, skip_ranges
-from ettin.data.replay import open_train_data
+from ettin.data.replay import check_fits, open_train_data
+from ettin.data.shards import DataError
 from ettin.objectives import num_loss_tokens, token_sets
 
 log = logging.getLogger(__name__)
@@ -345,7 +346,7 @@ def build_dataloader(
             skip_steps=_skip_steps(data_cfg, run_dir),
         )
         if replay is not None and replay.has_tokens:
-            replay.check_fits(order.schedule, data_cfg.max_seq_len, rules.vocab_size)
+            check_fits(replay, order.schedule, data_cfg.max_seq_len, rules.vocab_size)
         _check_rank_sizes(order, world_size, microbatch_size)
         dataset: Dataset = TrainDataset(base)
         sampler: DistributedSampler = OrderSampler(dataset, order, rank=rank, world_size=world_size)

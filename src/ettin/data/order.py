@@ -14,7 +14,7 @@ it grows from `batch_size_warmup_min` to the full size in steps of `batch_size_w
 `batch_size_warmup_tokens`, each size lasting a token span proportional to itself (as in the
 reference packer). A sample counts as `max_seq_len` tokens for the schedule, so the size of step
 `t` is a pure function of `t`: it is the same for MLM and CLM, for any world size, with or
-without packing. An order file (`data.order_file`, `ettin.data.replay`) replaces both the
+without packing. An order file (`data.order_file`, `ettin.data.order_file`) replaces both the
 permutation and the schedule: step k is the rows of the file with the k-th step value.
 
 Skip ranges (`data.skip_steps`, plus `<run_dir>/skip_steps.json`) remove order steps: `[a, b]`
@@ -37,14 +37,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ettin.data.dataset import DataError
-
-if TYPE_CHECKING:
-    from ettin.data.replay import Replay
+from ettin.data.order_file import Replay
+from ettin.data.shards import DataError
 
 log = logging.getLogger(__name__)
 
@@ -448,7 +445,5 @@ def build_order(
     )
     replay = order_file
     if isinstance(order_file, str | Path):
-        from ettin.data.replay import Replay
-
         replay = Replay.open(order_file)
     return DataOrder(num_samples, schedule, seed, replay=replay or None, skip=skip_steps)

@@ -10,13 +10,15 @@ local but zstd-compressed. They are fetched into a local cache before step 1.
 - shards are fetched by a thread pool (`workers`, default `DEFAULT_WORKERS`) with one tqdm bar
   over bytes (and a count of shards), each into a hidden temp name (`.<shard>.part`), checked
   (its MDS header against index.json's sample count, and its content hash against index.json's,
-  with `check_shard_header` / `shard_hash_problem` of `ettin.data.dataset`, the checks of local
+  with `check_shard_header` / `shard_hash_problem` of `ettin.data.shards`, the checks of local
   shards) and only then renamed into place, so a kill at any moment never leaves a half-fetched
   shard under its real name: a rerun fetches only what is missing;
 - compressed shards (index.json `zip_data`, e.g. the published Ettin phases' `.mds.zstd`) are
   fetched compressed, checked against the zip hash, decompressed, and the raw shard checked
   against the raw hash, so the cache holds directly readable shards;
-- `<cache>/<split>/index.json` is written last: a cache with index.json is complete.
+- `<cache>/<split>/index.json` is written last: a cache with index.json is complete;
+- shards in per-source subfolders (index.json basenames such as `dclm/shard.00000.mds.zstd`,
+  the published phases' layout) keep their subfolders in the cache.
 
 In a distributed run only local rank 0 of each node fetches; the node's other ranks wait for it
 (`composer.utils.dist.run_local_rank_zero_first`). The same code decompresses a local split in
@@ -36,12 +38,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from ettin.data.dataset import (
+from ettin.data.shards import (
     INDEX,
     META,
     DataError,
     check_shard_header,
     is_remote,
+    join,
     read_index,
     shard_hash_problem,
 )
@@ -69,14 +72,6 @@ CREDENTIALS = {
 
 class RemoteError(DataError):
     """A remote split that cannot be reached or read: names the URL and what to set."""
-
-
-def join(base: str, *parts: str) -> str:
-    """`base/part/...` for URLs and local paths alike."""
-    out = str(base).rstrip("/")
-    for p in parts:
-        out = f"{out}/{str(p).strip('/')}"
-    return out
 
 
 def _scheme(url: str) -> str:
@@ -170,6 +165,53 @@ def _probe_s3(url: str) -> None:
                 raise RemoteError(what) from None
             raise RemoteError(f"cannot read {url} on {where}: {err}{_hint(url)}") from None
     raise RemoteError(f"cannot read {url} on {where}{_hint(url)}")  # pragma: no cover
+
+
+def _s3_failure(url: str, err: Exception) -> RemoteError:
+    endpoint = os.environ.get("S3_ENDPOINT_URL") or "AWS S3 (S3_ENDPOINT_URL is not set)"
+    return RemoteError(f"cannot read {url} on {endpoint}: {err}{_hint(url)}")
+
+
+def list_s3(url: str, suffix: str = "") -> tuple[bool, dict[str, int]]:
+    """(is a folder, {path relative to `url`: bytes}) of the objects ending in `suffix` under
+    the S3 prefix `url` (a folder), or of the single object `url`."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    obj = urllib.parse.urlparse(url)
+    bucket, key = obj.netloc, obj.path.strip("/")
+    client = _s3_client()
+    found: dict[str, int] = {}
+    try:
+        pages = client.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=f"{key}/" if key else ""
+        )
+        for page in pages:
+            for item in page.get("Contents", []):
+                rel = item["Key"][len(key) + 1 if key else 0 :]
+                if rel.endswith(suffix):
+                    found[rel] = int(item["Size"])
+        if found or not key:
+            return True, found
+        head = client.head_object(Bucket=bucket, Key=key)
+        return False, {key.rsplit("/", 1)[-1]: int(head["ContentLength"])}
+    except ClientError as err:
+        code = str(err.response.get("Error", {}).get("Code", ""))
+        if code in ("404", "NoSuchKey", "NotFound"):
+            return True, {}
+        raise _s3_failure(url, err) from None
+    except BotoCoreError as err:
+        raise _s3_failure(url, err) from None
+
+
+def download_s3(url: str, dest: Path) -> None:
+    """Download the S3 object `url` into `dest`."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    obj = urllib.parse.urlparse(url)
+    try:
+        _s3_client().download_file(obj.netloc, obj.path.lstrip("/"), str(dest))
+    except (BotoCoreError, ClientError) as err:
+        raise _s3_failure(url, err) from None
 
 
 def parse_hf(url: str) -> tuple[str, str]:
@@ -297,6 +339,7 @@ def _fetch_shard(get: _Getter | None, split: str, src_dir: Path, dest_dir: Path,
     bytes transferred or read. `get` None: read the shard from the local folder `src_dir`."""
     raw, zipped = shard["raw_data"], shard.get("zip_data")
     final = dest_dir / raw["basename"]
+    final.parent.mkdir(parents=True, exist_ok=True)  # shards may sit in per-source subfolders
     rpart = _part(final)
     samples = int(shard["samples"])
     raw_here = get is None and (src_dir / raw["basename"]).is_file()
@@ -361,7 +404,7 @@ def _run_pool(jobs: list[Callable[[], int]], workers: int, desc: str, total: int
 
 
 def _clean_parts(split_dir: Path) -> None:
-    for p in split_dir.glob(f".*{PART}"):
+    for p in split_dir.rglob(f".*{PART}"):
         p.unlink(missing_ok=True)  # left by a killed fetch
 
 

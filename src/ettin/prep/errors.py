@@ -1,10 +1,8 @@
-"""The one exception type of the data-preparation room."""
+"""The one exception type of the data-preparation room (defined in `ettin.errors`, below the
+tokenizer and the download cache, which raise it too)."""
 
 from __future__ import annotations
 
+from ettin.errors import PrepError
 
-class PrepError(ValueError):
-    """A problem with prep inputs (mixture file, source, tokenizer) that the user must fix.
-
-    The message always names the file or source concerned and says what to do.
-    """
+__all__ = ["PrepError"]

@@ -47,7 +47,7 @@ from ettin.prep.encode import BatchEncoder
 from ettin.prep.errors import PrepError
 from ettin.prep.mixture import Mixture, PhaseConfig, SourceConfig, _suggest, load_mixture
 from ettin.prep.readers import read_documents
-from ettin.prep.tokenizer import load_tokenizer, special_ids, tokenizer_fingerprint
+from ettin.tokenizer import load_tokenizer, special_ids, tokenizer_fingerprint
 
 MDS_COLUMNS = {"input_ids": "ndarray:uint32", "source": "str", "id": "str"}
 SHARD_HASHES = ["sha1", "xxh64"]
@@ -490,7 +490,7 @@ def prep(
     tokenizer_json = tok.backend_tokenizer.to_str()
     fingerprint = tokenizer_fingerprint(tok)
 
-    from ettin.data.dataset import is_remote
+    from ettin.data.shards import is_remote
 
     remote_out = str(out).rstrip("/") if is_remote(str(out)) else None
     if remote_out:  # written locally as always, then uploaded phase by phase (ettin.data.remote)

