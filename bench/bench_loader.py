@@ -29,7 +29,7 @@ MICROBATCH = 72
 
 
 def _tokenizer():
-    from ettin.prep.tokenizer import default_tokenizer_dir, load_tokenizer
+    from ettin.tokenizer import default_tokenizer_dir, load_tokenizer
 
     path = default_tokenizer_dir()
     if (path / "tokenizer.json").exists():
@@ -64,7 +64,7 @@ def _write_corpus(root: Path, tok, n: int) -> None:
 
     from ettin.objectives import token_sets
     from ettin.prep.pipeline import MDS_COLUMNS, SHARD_HASHES
-    from ettin.prep.tokenizer import tokenizer_fingerprint
+    from ettin.tokenizer import tokenizer_fingerprint
 
     rng = np.random.default_rng(0)
     _, ordinary = token_sets(tok)

@@ -464,7 +464,7 @@ def main(argv: list[str] | None = None) -> list[CaseResult]:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from ettin.prep.tokenizer import load_tokenizer
+    from ettin.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer("ettin")  # offline rebuild; ids always come from it
     sampler = LengthSampler(args.shards)

@@ -52,7 +52,7 @@ def main() -> None:
     from ettin.prep.corpus import fetch_bench_corpus
     from ettin.prep.mixture import parse_mixture
     from ettin.prep.pipeline import prep
-    from ettin.prep.tokenizer import build_ettin_tokenizer
+    from ettin.tokenizer import build_ettin_tokenizer
 
     build_ettin_tokenizer()
     fetch_bench_corpus()

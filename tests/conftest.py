@@ -14,7 +14,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tokenizer_dir() -> Path:
     """Folder of the verified 50368-id Ettin tokenizer (`AutoTokenizer.from_pretrained` loads it)."""
-    from ettin.prep.tokenizer import build_ettin_tokenizer
+    from ettin.tokenizer import build_ettin_tokenizer
 
     return build_ettin_tokenizer()
 

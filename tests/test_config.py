@@ -20,7 +20,7 @@ def test_suite_has_48_run_files():
 
 @pytest.fixture(scope="module")
 def tokenizer(tokenizer_dir):
-    from ettin.prep.tokenizer import load_tokenizer
+    from ettin.tokenizer import load_tokenizer
 
     return load_tokenizer(tokenizer_dir)
 

@@ -29,7 +29,7 @@ def recipe(name: str):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from ettin.prep.tokenizer import load_tokenizer
+    from ettin.tokenizer import load_tokenizer
 
     return load_tokenizer("ettin")
 

@@ -17,8 +17,8 @@ import yaml
 import zstandard
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from ettin.errors import PrepError
 from ettin.prep.chunking import ChunkRules, chunk_document, chunk_spans
-from ettin.prep.errors import PrepError
 from ettin.prep.mixture import load_mixture, parse_mixture
 from ettin.prep.pipeline import holdout_documents, prep, sample_to_budget, source_targets
 from ettin.prep.readers import read_documents

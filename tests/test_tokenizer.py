@@ -7,15 +7,15 @@ import zipfile
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from ettin.prep.errors import PrepError
-from ettin.prep.tokenizer import (
+from ettin.errors import PrepError
+from ettin.prep.tokenizer import train_tokenizer
+from ettin.tokenizer import (
     OLMO_MEMBER,
     build_ettin_tokenizer,
     compare_fingerprints,
     read_olmo_vocab,
     special_ids,
     tokenizer_fingerprint,
-    train_tokenizer,
 )
 
 # Published ModernBERT / Ettin encodings (shared/reference/offline-assets.md).

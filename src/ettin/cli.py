@@ -154,7 +154,7 @@ def _import_reference(args: argparse.Namespace) -> None:
     if tok_dir is not None:
         from transformers import AutoTokenizer
 
-        from ettin.prep.tokenizer import tokenizer_fingerprint
+        from ettin.tokenizer import tokenizer_fingerprint
 
         tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
         tok_info = {"path": str(tok_dir), **tokenizer_fingerprint(tokenizer)}
@@ -208,7 +208,7 @@ def cmd_import(args: argparse.Namespace) -> None:
     raw_config = read_hf_config(source, revision=revision)
     tok_info: dict = {}
     if tokenizer is not None:
-        from ettin.prep.tokenizer import tokenizer_fingerprint
+        from ettin.tokenizer import tokenizer_fingerprint
 
         tok_dir = args.out.with_suffix("") if args.out.suffix else args.out
         tok_dir = tok_dir.parent / (tok_dir.name + "-tokenizer")

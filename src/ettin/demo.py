@@ -56,7 +56,7 @@ def _say(step: int, text: str) -> None:
 def prepare_data(data_root: Path) -> Path:
     """Tokenizer and shards for the demo phase, reused when they already exist."""
     from ettin.prep.pipeline import prep
-    from ettin.prep.tokenizer import build_ettin_tokenizer
+    from ettin.tokenizer import build_ettin_tokenizer
 
     tokenizer_dir = build_ettin_tokenizer()
     if (data_root / "demo" / "train" / "index.json").exists():
@@ -298,8 +298,8 @@ def run_demo(out: Path, data_root: Path, *, quick: bool = False) -> Path:
     """Run every step, reusing finished work; returns the report folder."""
     from ettin.eval.suite import run_suite
     from ettin.prep.corpus import fetch_sotu
-    from ettin.prep.tokenizer import load_tokenizer
     from ettin.recipe import run_recipe
+    from ettin.tokenizer import load_tokenizer
 
     start = time.time()
     _say(1, "data: tokenizer, bundled corpus (State of the Union speeches), shards")

@@ -129,7 +129,7 @@ def build_trainer(cfg: RunConfig):
     from ettin.data import build_dataloader
     from ettin.flops import flops_per_token
     from ettin.optim import WarmupStableDecay, build_optimizer
-    from ettin.prep.tokenizer import default_tokenizer_dir, load_tokenizer, tokenizer_fingerprint
+    from ettin.tokenizer import default_tokenizer_dir, load_tokenizer, tokenizer_fingerprint
 
     run_dir = Path(cfg.run_dir)
     on_gpu = torch.cuda.is_available()

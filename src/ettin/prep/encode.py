@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from ettin.prep.errors import PrepError
+from ettin.errors import PrepError
 
 
 class BodyEncoder:

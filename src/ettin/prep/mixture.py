@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ettin.prep.errors import PrepError
+from ettin.errors import PrepError
 from ettin.prep.readers import FORMATS
 
 

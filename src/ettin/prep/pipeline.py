@@ -42,9 +42,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ettin.errors import PrepError
 from ettin.prep.chunking import ChunkRules, chunk_spans
 from ettin.prep.encode import BatchEncoder
-from ettin.prep.errors import PrepError
 from ettin.prep.mixture import Mixture, PhaseConfig, SourceConfig, _suggest, load_mixture
 from ettin.prep.readers import read_documents
 from ettin.tokenizer import load_tokenizer, special_ids, tokenizer_fingerprint

@@ -20,7 +20,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from ettin.prep.errors import PrepError
+from ettin.errors import PrepError
 
 FORMATS = ("jsonl", "parquet", "text", "hf_disk")
 DEFAULT_GLOBS = {

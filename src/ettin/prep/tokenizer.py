@@ -1,8 +1,7 @@
 """Custom tokenizers for prep: a byte-level BPE trained on a corpus, in the Ettin layout.
 
 The Ettin tokenizer itself (offline rebuild, loading, special ids, fingerprints) lives in
-`ettin.tokenizer`, below both `ettin.prep` and `ettin.data`; its names are re-exported here for
-prep's callers.
+`ettin.tokenizer`, below both `ettin.prep` and `ettin.data`.
 """
 
 from __future__ import annotations
@@ -12,33 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ettin.errors import PrepError
-from ettin.tokenizer import (  # re-exported: prep's callers and the tests import them from here
-    NUM_UNUSED,
-    OLMO_MEMBER,
-    SPECIAL_TOKENS,
-    add_ettin_layout,
-    build_ettin_tokenizer,
-    compare_fingerprints,
-    default_tokenizer_dir,
-    load_tokenizer,
-    read_olmo_vocab,
-    save_tokenizer,
-    special_ids,
-    tokenizer_fingerprint,
-    wrap_fast,
-)
-
-__all__ = [
-    "OLMO_MEMBER",
-    "build_ettin_tokenizer",
-    "compare_fingerprints",
-    "default_tokenizer_dir",
-    "load_tokenizer",
-    "read_olmo_vocab",
-    "special_ids",
-    "tokenizer_fingerprint",
-    "train_tokenizer",
-]
+from ettin.tokenizer import NUM_UNUSED, SPECIAL_TOKENS, add_ettin_layout, save_tokenizer, wrap_fast
 
 
 def train_tokenizer(
