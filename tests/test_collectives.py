@@ -63,7 +63,9 @@ def test_equal_microbatch_split_all_reduces_on_the_training_device(monkeypatch):
     parts = split(_batch(4), 2)  # this rank alone would need 2 microbatches
     assert reduced == ["MAX"]
     assert [p["input_ids"].shape[0] for p in parts] == [1, 1, 2]
-    assert split(_batch(4), 1) and reduced == ["MAX"]  # Composer's eval-tail re-split: no collective
+    assert split(_batch(4), 1) and reduced == [
+        "MAX"
+    ]  # Composer's eval-tail re-split: no collective
 
 
 def test_training_device_is_the_trainers_default():
