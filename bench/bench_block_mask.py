@@ -22,7 +22,10 @@ from torch.nn.attention.flex_attention import create_block_mask
 
 from ettin.model.attention import FLEX_BLOCK_SIZE, _flex_mask_mod, document_block_mask
 
-PATTERNS = {"mlm": [((-1, -1), False), ((64, 64), False)], "clm": [((-1, -1), True), ((127, 0), True)]}
+PATTERNS = {
+    "mlm": [((-1, -1), False), ((64, 64), False)],
+    "clm": [((-1, -1), True), ((127, 0), True)],
+}
 
 
 def stream(rng: np.random.Generator, tokens: int, context: int = 1024) -> torch.Tensor:
@@ -76,7 +79,10 @@ def main() -> None:
                     times["new"].append(t_new)
             blocks = sum(int(m.kv_num_blocks.sum() + m.full_kv_num_blocks.sum()) for m in m_new)
             o, n = (statistics.median(times[k]) * 1e3 for k in ("old", "new"))
-            print(f"| {tokens} | {objective} | {blocks} | {o:.1f} | {n:.2f} | {o / n:.0f}x |", flush=True)
+            print(
+                f"| {tokens} | {objective} | {blocks} | {o:.1f} | {n:.2f} | {o / n:.0f}x |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
