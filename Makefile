@@ -90,7 +90,7 @@ STANDIN := .standin
 STANDIN_IMAGE := torch==2.11.0 torchvision==0.26.0 numpy==2.5.2 safetensors==0.8.0 \
 	pillow==13.0.0 pyyaml==6.0.4 requests==2.34.2 tqdm==4.70.1 packaging==26.4 psutil==7.2.2 \
 	py-cpuinfo==9.0.0 lightning-utilities==0.15.3 regex==2026.12.2 anyio==4.16.0 rich==15.0.0 \
-	python-dateutil==4.0.0 xxhash==4.1.0 pytest==9.2.0
+	python-dateutil==4.0.0 xxhash==4.1.0 pyarrow==26.0.1 pytest==9.2.0
 $(STANDIN)/.installed: Makefile
 	rm -rf $(STANDIN) && $(STANDIN_PY) -m venv $(STANDIN)
 	$(STANDIN)/bin/pip install --quiet $(STANDIN_IMAGE)
