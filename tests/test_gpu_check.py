@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -218,3 +220,28 @@ def test_smoke_run_writes_the_report(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     text = (tmp_path / "r.md").read_text()
     assert "| test | 256 | mlm | torch |" in text and "| test | 256 | clm | torch |" in text
+
+
+STANDIN_PY = os.environ.get("STANDIN_PY", "python3.12")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which(STANDIN_PY) is None, reason=f"needs {STANDIN_PY} (STANDIN_PY)")
+def test_gpu_standin():
+    """`make gpu-standin`: the wheelhouse installs on a Python 3.12 + torch 2.11 stand-in of the
+    GPU machine, the smoke run passes, StableAdamW is optimi's, and the kill -9 run resumes."""
+    out = subprocess.run(
+        ["make", "gpu-standin", f"STANDIN_PY={STANDIN_PY}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    r = json.loads((ROOT / "runs/standin/gpu_check.json").read_text())
+    assert "python 3.12" in r["environment"] and "torch 2.11" in r["environment"]
+    assert r["errors"] == {} and r["skipped"] == [] and r["done"] == list(gpu_check.PARTS)
+    assert {t["optimizer"] for t in r["throughput"]} == {"StableAdamW"}
+    c = r["composer"]
+    wanted = list(range(verdict.COMPOSER_SAVE, verdict.COMPOSER_STEPS))
+    assert c["resumed_steps"] == wanted and c["max_abs_loss_diff"] <= verdict.RESUME_TOL
