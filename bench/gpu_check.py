@@ -323,17 +323,18 @@ def check_throughput(
         batches.append((host, sum(lengths), f_scored, f_all))
     stream = iter(batches)
 
-    def step() -> tuple[int, float, float, torch.Tensor]:
-        tokens, f_scored, f_all = 0, 0.0, 0.0
+    def step() -> tuple[int, float, float, list[torch.Tensor]]:
+        tokens, f_scored, f_all, losses = 0, 0.0, 0.0, []
         for _ in range(accum):
             host, n, fs, fa = next(stream)
             batch = {k: v.to(device, non_blocking=True) for k, v in host.items()}
             loss = _loss(model, batch, device)
             loss.backward()
             tokens, f_scored, f_all = tokens + n, f_scored + fs, f_all + fa
+            losses.append(loss.detach())
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return tokens, f_scored, f_all, loss.detach()
+        return tokens, f_scored, f_all, losses
 
     first = {k: v.to(device) for k, v in batches[0][0].items()}
     with torch.no_grad():
@@ -344,10 +345,10 @@ def check_throughput(
         torch._dynamo.reset()
         compile_model(model)
         row.compiled = "per block"
-    with torch.no_grad():
-        row.loss_compiled = float(_loss(model, first, device))  # same weights, compiled
-    for _ in range(WARMUP_STEPS):
-        step()
+    for i in range(WARMUP_STEPS):
+        losses = step()[3]
+        if i == 0:  # batch 0 again, compiled, before the first optimiser step: same weights
+            row.loss_compiled = float(losses[0])
     row.graphs_after_warmup = _graphs()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -356,7 +357,8 @@ def check_throughput(
     tokens = f_scored = f_all = 0.0
     last = None
     for _ in range(steps):
-        n, fs, fa, last = step()
+        n, fs, fa, losses = step()
+        last = losses[-1]
         tokens, f_scored, f_all, row.steps = tokens + n, f_scored + fs, f_all + fa, row.steps + 1
         if time.perf_counter() > deadline:
             break
