@@ -3,60 +3,109 @@
     PYTHONPATH=src python3 bench/gpu_check.py [--parts backends throughput composer] [--sizes 150m 400m 1b]
         [--contexts 1024 8192] [--bundle .gpu] [--out bench/gpu_check.md] [--dry-run | --smoke]
 
-Three parts, each printed as markdown ready for bench/RESULTS.md (also written to `--out`, and
-to $OUT/gpu_check.md when $OUT is set):
+Setup, then three parts; after each, the report so far is written as markdown ready for
+bench/RESULTS.md to `--out` (and `.json` beside it), and to $OUT/gpu_check.md when $OUT is set,
+so a run cut short still leaves what it measured. The exit code is 1 when any part's criterion
+fails (gpu_verdict.failures), and each part has a time budget (gpu_verdict.BUDGETS, printed by
+`--dry-run`, < 8 minutes in all): what would not fit is skipped, named, and fails the check.
 
-1. **backends**: every attention backend that is available (flash if flash_attn imports, flex,
-   torch) runs one bf16-autocast forward and backward of a 150m encoder and decoder with local
-   windows, on variable-length padded rows and on packed rows, against an fp32 reference (torch
-   backend, no autocast). A fast backend passes when its relative error (hidden states;
-   gradients of all parameters) is within 1.5x the torch backend's own bf16 error (+1e-4):
-   bf16 noise for this model is ~0.1, so a fixed tolerance would be meaningless.
-2. **throughput**: bf16 autocast + per-block `torch.compile` (`ettin.parallel.compile`) training
-   steps of 150m, 400m and 1b at 1024 and 8192 tokens, on *fresh* variable-length packed rows
-   every microbatch (a reused batch would hide recompiles), StableAdamW stepping every `--accum`
-   microbatches. Reports tokens/s, MFU by `ettin.flops`, peak memory and the number of compiled
-   graphs (which must not grow while timing).
-3. **composer**: `src/main.py` on the tiny preset for 130 Composer steps on the GPU (past batch
-   101, where a host-tensor all_reduce used to stop NCCL runs), bf16 + compile, checkpoint every
-   60 steps; a second run is killed with SIGKILL after its step-60 checkpoint and rerun with
-   the same command; its losses are compared with the uninterrupted run's.
+0. **setup**: unless Composer already imports, the wheels of `.gpu/` (`make wheelhouse`) are
+   installed with `pip install --no-index --no-deps --target <work>/gpu-site` and put on the
+   path of this process (parts 1-2 need omegaconf and torch-optimi for StableAdamW) and of the
+   Composer runs.
+1. **backends**: every attention backend that trains here (`ettin.model.attention.
+   available_backends`: flash, flex, torch) runs one bf16-autocast forward and backward of a
+   150m encoder and decoder with local windows, on variable-length padded rows and on packed
+   rows, against an fp32 reference (torch backend, no autocast, TF32 off). Passes when each
+   relative error (hidden states; gradients of all parameters) is within 1.5x the torch
+   backend's own bf16 error (+1e-4): bf16 noise here is ~0.1, so a fixed bound would be
+   meaningless.
+2. **throughput**: bf16 autocast + per-block `torch.compile` training steps of 150m, 400m and 1b
+   encoders at 1024 and 8192 tokens and a 150m decoder at 1024, on variable-length packed rows,
+   a new layout every microbatch (a reused batch would hide recompiles), generated and pinned
+   before the clock starts, StableAdamW stepping every `--accum` microbatches. Tokens and
+   FLOPs come from the host masks. Reports tokens/s, MFU two ways (the head on the scored 30%
+   of positions, as trained; on every position, the reference runs' convention), peak memory
+   and the compiled graphs. Passes when the graphs do not grow while timing, the compiled loss
+   equals the eager one on the same batch, no loss is NaN, nothing runs out of memory, and the
+   optimiser is ettin's StableAdamW.
+3. **composer**: `src/main.py` on the tiny preset for 130 Composer steps (past batch 101, where
+   a host-tensor all_reduce used to stop NCCL runs), bf16 + compile, deterministic, checkpoint
+   every 60 steps; a second run is killed with SIGKILL after its step-60 checkpoint and rerun
+   with the same command. Passes when the uninterrupted run logs 130 steps with a falling loss,
+   the kill came between the checkpoint and the end, the rerun logs exactly steps 60..129 (it
+   resumed) and its losses equal the uninterrupted run's.
 
-The GPU machine has its own torch and no package index. Parts 1-2 need only torch (plus numpy);
-part 3 needs Composer and friends: `make wheelhouse` (on a machine with the network) writes
-`.gpu/` with the wheels (installed here with `pip --no-deps --target`), the tokenizer and a small
-prepared dataset; carry that folder. `--dry-run` prints the plan and exits; `--smoke` runs parts
-1-2 on the CPU at the `test` size (plumbing only, numbers meaningless).
+The GPU machine has its own torch and no package index: carry `.gpu/` (`make wheelhouse`).
+`--dry-run` prints the plan and the budgets and exits; `--smoke` runs everything on the CPU at
+the `test` size with no budget (plumbing only, numbers meaningless): `make gpu-standin` runs it
+on a CPU stand-in of the GPU machine (Python 3.12, torch 2.11).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
-import os
+import math
 import platform
+import shutil
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from gpu_verdict import (
+    BUDGETS,
+    COMPOSER_SAVE,
+    COMPOSER_STEPS,
+    THROUGHPUT_CELL_S,
+    TOTAL_BUDGET_S,
+    BackendRow,
+    ComposerResult,
+    Results,
+    ThroughputRow,
+    failures,
+    write,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 PARTS = ("backends", "throughput", "composer")
 MLM_P = 0.3
 TOKENS_PER_MICROBATCH = {"150m": 65536, "400m": 32768, "1b": 16384, "test": 2048}
-REFERENCE = {"150m": (296e3, 0.29), "400m": (146e3, 0.37), "1b": (64e3, 0.40)}  # tok/s/GPU, MFU
-BUDGET_S = 8 * 60
-COMPOSER_STEPS, COMPOSER_SAVE = 130, 60
+WARMUP_STEPS = 2  # compilation, then the first dynamic-shape recompile
+COMPOSER_IMPORTS = "import composer, streaming, optimi, hydra, omegaconf, transformers"
 
 
 def log(msg: str) -> None:
     print(msg, flush=True)
+
+
+# ----------------------------------------------------------------------------- time
+
+
+class Clock:
+    """Deadlines from the budgets: part p must end by start + the budgets up to p (no limit
+    in smoke runs, whose CPU times mean nothing)."""
+
+    def __init__(self, limited: bool) -> None:
+        self.start, self.limited = time.perf_counter(), limited
+
+    def deadline(self, part: str) -> float:
+        if not self.limited:
+            return math.inf
+        names = list(BUDGETS)
+        return self.start + sum(BUDGETS[n] for n in names[: names.index(part) + 1])
+
+    def fits(self, part: str, seconds: float) -> bool:
+        return time.perf_counter() + seconds <= self.deadline(part)
+
+    def left(self, part: str) -> float:
+        return self.deadline(part) - time.perf_counter()
 
 
 # ----------------------------------------------------------------------------- batches
@@ -97,7 +146,14 @@ def make_batch(
     if objective == "mlm":
         picked = (rng.random((rows, context)) < MLM_P) & (mask > 0)
         batch["labels"] = torch.from_numpy(np.where(picked, ids, -100))
+    if device.type == "cuda":
+        batch = {k: v.pin_memory() for k, v in batch.items()}
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def sequence_lengths(mask: torch.Tensor) -> list[int]:
+    """Lengths of the sequences of a host (B, S) segment-id mask."""
+    return [int(n) for row in mask.numpy() for n in np.bincount(row)[1:] if n]
 
 
 def build_model(size: str, objective: str, device: torch.device):
@@ -107,40 +163,53 @@ def build_model(size: str, objective: str, device: torch.device):
     return EttinModel(model_args(size, causal=objective == "clm")).to(device).train()
 
 
-def available_backends(device: torch.device) -> list[str]:
-    """The attention backends this machine can run: flash (CUDA + flash_attn), flex, torch."""
-    from ettin.model import attention
-
-    names = []
-    if device.type == "cuda" and attention.flash_attn_varlen_func is not None:
-        names.append("flash")
-    if hasattr(attention, "flex_attention"):
-        names.append("flex")
-    return [*names, "torch"]
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
+def set_tf32(on: bool) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.allow_tf32 = on
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def bundle_env(bundle: Path, work: Path) -> dict[str, str]:
+    """Environment for the Composer runs, with the carried wheels installed if they are needed.
+
+    The wheels go to a fresh `<work>/gpu-site` exactly as on the GPU machine, and that folder
+    joins this process's path too (StableAdamW needs omegaconf and torch-optimi).
+    """
+    import os
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), PYTHONUNBUFFERED="1")
+    probe = [sys.executable, "-c", COMPOSER_IMPORTS]
+    if subprocess.run(probe, env=env, capture_output=True).returncode == 0:
+        return env
+    wheels = sorted((bundle / "wheels").glob("*.whl"))
+    if not wheels:
+        raise RuntimeError(
+            f"Composer is not importable and {bundle / 'wheels'} has no wheels: run "
+            "`make wheelhouse` on a machine with the network and carry the .gpu folder"
+        )
+    site = (work / "gpu-site").resolve()
+    shutil.rmtree(site, ignore_errors=True)
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target"]
+    done = subprocess.run([*cmd, str(site), *map(str, wheels)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"installing {bundle / 'wheels'} failed: {done.stderr.strip()[-800:]}")
+    env["PYTHONPATH"] = f"{site}{os.pathsep}{env['PYTHONPATH']}"
+    if subprocess.run(probe, env=env, capture_output=True).returncode != 0:
+        err = subprocess.run(probe, env=env, capture_output=True, text=True).stderr
+        raise RuntimeError(f"the installed wheels do not import: {err.strip().splitlines()[-1]}")
+    sys.path.insert(0, str(site))
+    importlib.invalidate_caches()
+    return env
+
+
 # ----------------------------------------------------------------------------- part 1
-
-
-@dataclass
-class BackendRow:
-    objective: str
-    layout: str
-    backend: str
-    fwd_err: float
-    bwd_err: float
-    fwd_limit: float
-    bwd_limit: float
-    step_s: float
-
-    @property
-    def ok(self) -> bool:
-        return self.fwd_err <= self.fwd_limit and self.bwd_err <= self.bwd_limit
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -167,8 +236,11 @@ def _run(
 
 
 def check_backends(size: str, device: torch.device, rows: int, context: int) -> list[BackendRow]:
+    from ettin.model.attention import available_backends
+
     out = []
     backends = available_backends(device)
+    set_tf32(False)  # the fp32 reference is fp32
     for objective in ("mlm", "clm"):
         model = build_model(size, objective, device)
         for layout in ("padded", "packed"):
@@ -186,8 +258,8 @@ def check_backends(size: str, device: torch.device, rows: int, context: int) -> 
                     objective, layout, impl, _rel(h, ref_h), _rel(g, ref_g), f_lim, b_lim, seconds
                 )
                 log(
-                    f"  {objective} {layout:6s} {impl:5s}: fwd {row.fwd_err:.2e} (limit "
-                    f"{f_lim:.2e}), bwd {row.bwd_err:.2e} (limit {b_lim:.2e}), "
+                    f"  {objective} {layout:6s} {impl:5s}: fwd {row.fwd_err:.2e} (bound "
+                    f"{f_lim:.2e}), bwd {row.bwd_err:.2e} (bound {b_lim:.2e}), "
                     f"{seconds * 1e3:.1f} ms {'ok' if row.ok else 'FAIL'}"
                 )
                 out.append(row)
@@ -196,30 +268,6 @@ def check_backends(size: str, device: torch.device, rows: int, context: int) -> 
 
 
 # ----------------------------------------------------------------------------- part 2
-
-
-@dataclass
-class ThroughputRow:
-    size: str
-    context: int
-    backend: str
-    compiled: str
-    tok_s: float
-    mfu: float | None
-    peak_gib: float | None
-    graphs_after_warmup: int
-    graphs_after_timing: int
-
-
-def _optimizer(model):
-    """The training optimiser (StableAdamW via ettin.optim) if its dependencies import."""
-    try:
-        from ettin.config import OptimConfig
-        from ettin.optim import build_optimizer
-
-        return build_optimizer(model, OptimConfig()), "StableAdamW"
-    except ImportError as err:  # omegaconf / optimi not carried: the step cost is what we time
-        return torch.optim.AdamW(model.parameters(), lr=1e-4), f"AdamW ({err.name} missing)"
 
 
 def _backend_name(model, device: torch.device) -> str:
@@ -235,93 +283,105 @@ def _graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def check_throughput(
-    size: str, context: int, device: torch.device, accum: int, steps: int, do_compile: bool
-) -> ThroughputRow:
-    from ettin.flops import flops_per_token, peak_flops
+def _loss(model, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        return model(batch["input_ids"], batch["attention_mask"], batch.get("labels")).loss
 
-    model = build_model(size, "mlm", device)
-    compiled = "no"
+
+def check_throughput(
+    size: str,
+    context: int,
+    objective: str,
+    device: torch.device,
+    accum: int,
+    steps: int,
+    do_compile: bool,
+    deadline: float = math.inf,
+) -> ThroughputRow:
+    """One cell: compiled training steps on fresh pre-generated batches; the timed loop stops at
+    `deadline` (after one step at least)."""
+    from ettin.config import OptimConfig
+    from ettin.flops import flops_per_token, peak_flops
+    from ettin.optim import build_optimizer
+
+    set_tf32(True)
+    model = build_model(size, objective, device)
+    opt = build_optimizer(model, OptimConfig())
+    row = ThroughputRow(size, context, objective, optimizer=type(opt).__name__)
+    row.backend = _backend_name(model, device)
+    rng = np.random.default_rng(0)
+    rows = max(1, TOKENS_PER_MICROBATCH.get(size, 16384) // context)
+    scored = MLM_P if objective == "mlm" else 1.0
+    batches = []  # (host batch, tokens, FLOPs as trained, FLOPs with every position scored)
+    for _ in range(accum * (WARMUP_STEPS + steps)):
+        host = make_batch(rng, rows, context, model.args.vocab_size, objective, torch.device("cpu"))
+        if device.type == "cuda":
+            host = {k: v.pin_memory() for k, v in host.items()}
+        lengths = sequence_lengths(host["attention_mask"])
+        f_scored = sum(n * flops_per_token(model.args, n, mlm_probability=scored) for n in lengths)
+        f_all = sum(n * flops_per_token(model.args, n) for n in lengths)
+        batches.append((host, sum(lengths), f_scored, f_all))
+    stream = iter(batches)
+
+    def step() -> tuple[int, float, float, list[torch.Tensor]]:
+        tokens, f_scored, f_all, losses = 0, 0.0, 0.0, []
+        for _ in range(accum):
+            host, n, fs, fa = next(stream)
+            batch = {k: v.to(device, non_blocking=True) for k, v in host.items()}
+            loss = _loss(model, batch, device)
+            loss.backward()
+            tokens, f_scored, f_all = tokens + n, f_scored + fs, f_all + fa
+            losses.append(loss.detach())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return tokens, f_scored, f_all, losses
+
+    first = {k: v.to(device) for k, v in batches[0][0].items()}
+    with torch.no_grad():
+        row.loss_eager = float(_loss(model, first, device))
     if do_compile:
         from ettin.parallel.compile import compile_model
 
         torch._dynamo.reset()
         compile_model(model)
-        compiled = "per block"
-    opt, opt_name = _optimizer(model)
-    rng = np.random.default_rng(0)
-    rows = max(1, TOKENS_PER_MICROBATCH.get(size, 16384) // context)
-
-    def step() -> tuple[int, float]:
-        tokens, flops = 0, 0.0
-        for _ in range(accum):
-            batch = make_batch(rng, rows, context, model.args.vocab_size, "mlm", device)
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                loss = model(batch["input_ids"], batch["attention_mask"], batch["labels"]).loss
-            loss.backward()
-            mask = batch["attention_mask"].cpu().numpy()
-            for r in range(rows):
-                for n in np.bincount(mask[r])[1:]:
-                    if n:
-                        tokens += int(n)
-                        flops += n * flops_per_token(model.args, int(n), mlm_probability=MLM_P)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return tokens, flops
-
-    for _ in range(2):  # warm-up: compilation, then the first dynamic-shape recompile
-        step()
-    warm_graphs = _graphs()
+        row.compiled = "per block"
+    for i in range(WARMUP_STEPS):
+        losses = step()[3]
+        if i == 0:  # batch 0 again, compiled, before the first optimiser step: same weights
+            row.loss_compiled = float(losses[0])
+    row.graphs_after_warmup = _graphs()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     sync(device)
     t0 = time.perf_counter()
-    tokens = flops = 0.0
+    tokens = f_scored = f_all = 0.0
+    last = None
     for _ in range(steps):
-        n, f = step()
-        tokens, flops = tokens + n, flops + f
+        n, fs, fa, losses = step()
+        last = losses[-1]
+        tokens, f_scored, f_all, row.steps = tokens + n, f_scored + fs, f_all + fa, row.steps + 1
+        if time.perf_counter() > deadline:
+            break
     sync(device)
     seconds = time.perf_counter() - t0
     peak = peak_flops(device)
-    row = ThroughputRow(
-        size=size,
-        context=context,
-        backend=_backend_name(model, device),
-        compiled=compiled,
-        tok_s=tokens / seconds,
-        mfu=flops / seconds / peak if peak else None,
-        peak_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-        graphs_after_warmup=warm_graphs,
-        graphs_after_timing=_graphs(),
-    )
-    mfu = f", MFU {row.mfu:.1%}" if row.mfu else ""
+    row.tok_s = tokens / seconds
+    row.mfu_scored = f_scored / seconds / peak if peak else None
+    row.mfu_all = f_all / seconds / peak if peak else None
+    if device.type == "cuda":
+        row.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
+    row.graphs_after_timing = _graphs()
+    row.loss_last = float(last) if last is not None else math.nan
+    mfu = f", MFU {row.mfu_scored:.1%} scored / {row.mfu_all:.1%} all" if row.mfu_all else ""
     log(
-        f"  {size} @ {context}: {row.tok_s:,.0f} tok/s{mfu}, graphs {warm_graphs} -> "
-        f"{row.graphs_after_timing} ({opt_name})"
+        f"  {size} @ {context} {objective}: {row.tok_s:,.0f} tok/s{mfu}, graphs "
+        f"{row.graphs_after_warmup} -> {row.graphs_after_timing}, loss eager "
+        f"{row.loss_eager:.4f} compiled {row.loss_compiled:.4f} ({row.optimizer})"
     )
     return row  # the model and optimiser go with this frame; main() empties the CUDA cache
 
 
 # ----------------------------------------------------------------------------- part 3
-
-
-def composer_env(bundle: Path) -> dict[str, str]:
-    """Environment for the Composer runs: the carried wheels installed once under /tmp."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), PYTHONUNBUFFERED="1")
-    probe = [sys.executable, "-c", "import composer, streaming, optimi, hydra, transformers"]
-    if subprocess.run(probe, env=env, capture_output=True).returncode == 0:
-        return env
-    wheels = sorted((bundle / "wheels").glob("*.whl"))
-    if not wheels:
-        raise RuntimeError(
-            f"Composer is not importable and {bundle / 'wheels'} has no wheels: run "
-            "`make wheelhouse` on a machine with the network and carry the .gpu folder"
-        )
-    site = Path("/tmp/ettin-site")
-    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target"]
-    subprocess.run([*cmd, str(site), *map(str, wheels)], check=True)
-    env["PYTHONPATH"] = f"{site}{os.pathsep}{env['PYTHONPATH']}"
-    return env
 
 
 def composer_command(bundle: Path, run_dir: Path, smoke: bool) -> list[str]:
@@ -344,44 +404,77 @@ def composer_command(bundle: Path, run_dir: Path, smoke: bool) -> list[str]:
     ]
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
+def losses(path: Path) -> dict[int, float]:
+    """step -> training loss from a metrics.jsonl, complete lines only (the file may be growing)."""
     rows = {}
-    path = run_dir / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.exists() else []:
+    text = path.read_text() if path.exists() else ""
+    for line in text.split("\n")[:-1]:  # the piece after the last newline is not written yet
         row = json.loads(line)
         if "loss/train/total" in row:
-            rows[row["batch"]] = row["loss/train/total"]
+            rows[int(row["batch"])] = row["loss/train/total"]
     return rows
 
 
-def check_composer(bundle: Path, work: Path, smoke: bool) -> dict:
-    env = composer_env(bundle)
+def _run_logged(cmd: list[str], env: dict, log_path: Path, timeout: float) -> None:
+    """Run a Composer command with its output in `log_path`; its last lines if it fails."""
+    with log_path.open("w") as out:
+        try:
+            done = subprocess.run(
+                cmd, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout
+            )
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{log_path.name}: ran out of the part's time budget") from None
+    if done.returncode != 0:
+        tail = " / ".join(log_path.read_text().strip().splitlines()[-4:])
+        raise RuntimeError(f"{log_path.name}: exit {done.returncode}: {tail}")
+
+
+def check_composer(
+    env: dict, bundle: Path, work: Path, smoke: bool, deadline: float = math.inf
+) -> ComposerResult:
     straight, killed = work / "gpu-check-straight", work / "gpu-check-killed"
+    for run in (straight, killed):
+        shutil.rmtree(run, ignore_errors=True)  # a leftover run would autoresume
+    work.mkdir(parents=True, exist_ok=True)
+    result = ComposerResult()
     t0 = time.perf_counter()
-    subprocess.run(composer_command(bundle, straight, smoke), env=env, check=True)
-    straight_s = time.perf_counter() - t0
-    proc = subprocess.Popen(composer_command(bundle, killed, smoke), env=env)
-    while proc.poll() is None and max(_losses(killed), default=0) < COMPOSER_SAVE + 2:
-        time.sleep(0.5)
-    kill_step = max(_losses(killed), default=0)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    subprocess.run(composer_command(bundle, killed, smoke), env=env, check=True)
-    a, b = _losses(straight), _losses(killed)
-    common = sorted(set(a) & set(b))
-    diff = max((abs(a[k] - b[k]) for k in common), default=float("nan"))
-    result = {
-        "steps": max(a, default=0),
-        "killed_at": kill_step,
-        "resumed_steps": len(common),
-        "max_abs_loss_diff": diff,
-        "straight_run_s": straight_s,
-    }
-    log(f"  composer: {result}")
+    left = lambda: max(1.0, deadline - time.perf_counter())  # noqa: E731
+    _run_logged(
+        composer_command(bundle, straight, smoke), env, work / f"{straight.name}.log", left()
+    )
+    result.straight_run_s = time.perf_counter() - t0
+    with (work / f"{killed.name}.log").open("w") as out:
+        proc = subprocess.Popen(
+            composer_command(bundle, killed, smoke), env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+        metrics = killed / "metrics.jsonl"
+        while proc.poll() is None and len(losses(metrics)) < COMPOSER_SAVE + 2:
+            if time.perf_counter() > deadline:
+                proc.kill()
+                raise RuntimeError("the run to be killed ran out of the part's time budget")
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+        rc = proc.wait()
+    logged = losses(metrics)
+    result.killed_at = max(logged) + 1 if rc == -signal.SIGKILL and logged else None
+    if metrics.exists():  # what the rerun logs then stands alone: the resumed steps only
+        metrics.rename(killed / "metrics.killed.jsonl")
+    _run_logged(composer_command(bundle, killed, smoke), env, work / "gpu-check-rerun.log", left())
+    a, b = losses(straight / "metrics.jsonl"), losses(metrics)
+    result.steps = len(a)
+    result.resumed_steps = sorted(b)
+    common = [k for k in result.resumed_steps if k in a]
+    result.max_abs_loss_diff = max((abs(a[k] - b[k]) for k in common), default=math.nan)
+    if a:
+        result.first_loss, result.last_loss = a[min(a)], a[max(a)]
+    log(
+        f"  composer: {result.steps} steps, killed at {result.killed_at}, resumed "
+        f"{len(result.resumed_steps)} steps, max |loss diff| {result.max_abs_loss_diff:.3g}"
+    )
     return result
 
 
-# ----------------------------------------------------------------------------- report
+# ----------------------------------------------------------------------------- main
 
 
 def environment(device: torch.device) -> str:
@@ -391,65 +484,46 @@ def environment(device: torch.device) -> str:
     flash = "installed" if attention.flash_attn_varlen_func is not None else "not installed"
     return (
         f"Device: {name}; python {platform.python_version()}, torch {torch.__version__} "
-        f"(CUDA {torch.version.cuda}), flash-attn {flash}; {time.strftime('%Y-%m-%d %H:%M %Z')}."
+        f"(CUDA {torch.version.cuda}), numpy {np.__version__}, flash-attn {flash}; "
+        f"{time.strftime('%Y-%m-%d %H:%M %Z')}."
     )
 
 
-def report(env: str, backends: list, throughput: list, composer: dict | None, notes: list) -> str:
-    lines = [env, ""]
-    if backends:
-        lines += [
-            "| objective | rows | backend | fwd rel. err | limit | bwd rel. err | limit | step ms "
-            "| torch time / this | |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
-        ]
-        torch_s = {(b.objective, b.layout): b.step_s for b in backends if b.backend == "torch"}
-        for b in backends:
-            speed = torch_s.get((b.objective, b.layout), float("nan")) / b.step_s
-            lines.append(
-                f"| {b.objective} | {b.layout} | {b.backend} | {b.fwd_err:.2e} | {b.fwd_limit:.2e} "
-                f"| {b.bwd_err:.2e} | {b.bwd_limit:.2e} | {b.step_s * 1e3:.1f} | {speed:.2f}x | "
-                f"{'ok' if b.ok else 'FAIL'} |"
-            )
-        lines.append("")
-    if throughput:
-        lines += [
-            "| size | context | backend | compiled | tokens/s | reference tok/s | MFU | ref MFU | "
-            "peak GiB | graphs (warm -> timed) |",
-            "|---|---:|---|---|---:|---:|---:|---:|---:|---|",
-        ]
-        for t in throughput:
-            ref = REFERENCE.get(t.size) if t.context == 1024 else None
-            mfu = f"{t.mfu:.1%}" if t.mfu else "n/a"
-            mem = f"{t.peak_gib:.1f}" if t.peak_gib is not None else "n/a"
-            lines.append(
-                f"| {t.size} | {t.context} | {t.backend} | {t.compiled} | {t.tok_s:,.0f} | "
-                f"{f'{ref[0]:,.0f}' if ref else '-'} | {mfu} | {f'{ref[1]:.0%}' if ref else '-'} "
-                f"| {mem} | {t.graphs_after_warmup} -> {t.graphs_after_timing} |"
-            )
-        lines.append("")
-    if composer:
-        lines.append(
-            f"Composer: {composer['steps']} steps (tiny preset, bf16 + compile) in "
-            f"{composer['straight_run_s']:.0f} s; a second run killed (SIGKILL) at step "
-            f"{composer['killed_at']} and rerun: {composer['resumed_steps']} steps compared, "
-            f"max |loss diff| {composer['max_abs_loss_diff']:.3g}."
-        )
-    lines += [f"- {n}" for n in notes]
-    return "\n".join(lines)
+def cells(args) -> list[tuple[str, int, str]]:
+    """(size, context, objective) of the throughput part: every size x context as an encoder,
+    and the first of each as a decoder."""
+    return [(s, c, "mlm") for s in args.sizes for c in args.contexts] + [
+        (args.sizes[0], args.contexts[0], "clm")
+    ]
 
 
 def plan(args, device: torch.device) -> str:
+    from ettin.model.attention import available_backends
+
     lines = [f"device: {device}; backends: {', '.join(available_backends(device))}"]
+    budget = {"setup": BUDGETS["setup"]}
+    lines.append(f"setup: install {args.bundle / 'wheels'} unless Composer imports")
     if "backends" in args.parts:
+        budget["backends"] = BUDGETS["backends"]
         lines.append(f"backends: {args.backend_size} mlm+clm, padded+packed, vs fp32 torch")
     if "throughput" in args.parts:
-        cells = [f"{s}@{c}" for s in args.sizes for c in args.contexts]
-        lines.append(f"throughput: {' '.join(cells)}, accum {args.accum}, {args.steps} steps")
+        todo = [f"{s}@{c}{'' if o == 'mlm' else ' clm'}" for s, c, o in cells(args)]
+        budget["throughput"] = BUDGETS["throughput"]
+        lines.append(
+            f"throughput: {' '.join(todo)}, accum {args.accum}, {args.steps} steps, "
+            f"{THROUGHPUT_CELL_S} s a cell"
+        )
     if "composer" in args.parts:
+        budget["composer"] = BUDGETS["composer"]
         cmd = composer_command(args.bundle, Path("runs/gpu-check-straight"), args.smoke)
         lines.append("composer: " + " ".join(cmd[1:]))
         lines.append(f"bundle: {args.bundle} (wheels, tokenizer, data: `make wheelhouse`)")
+    lines.append(
+        "budgets: "
+        + ", ".join(f"{k} {v} s" for k, v in budget.items())
+        + f"; total {sum(budget.values())} s of {TOTAL_BUDGET_S} s (limit 480 s)"
+        + (" (not enforced in --smoke)" if args.smoke else "")
+    )
     return "\n".join(lines)
 
 
@@ -471,6 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     mode.add_argument("--smoke", action="store_true", help="CPU plumbing check at the test size")
     args = parser.parse_args(argv)
+    args.work, args.bundle = args.work.resolve(), args.bundle.resolve()
 
     if args.smoke:
         device = torch.device("cpu")
@@ -478,7 +553,6 @@ def main(argv: list[str] | None = None) -> int:
         args.accum, args.steps, args.no_compile = 1, 1, True
     elif torch.cuda.is_available():
         device = torch.device("cuda")
-        torch.backends.cuda.matmul.allow_tf32 = True
     else:
         device = torch.device("cpu")
         if not args.dry_run:
@@ -488,44 +562,74 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return 0
 
-    start, notes = time.perf_counter(), []
-    backends, throughput, composer = [], [], None
+    clock = Clock(limited=not args.smoke)
+    r = Results(environment(device), parts=list(args.parts))
+    env = None
+    t0 = time.perf_counter()
+    try:
+        env = bundle_env(args.bundle, args.work)
+    except (RuntimeError, OSError) as err:
+        r.errors["setup"] = str(err)
+    r.elapsed_s["setup"] = time.perf_counter() - t0
+    write(r, args.out)
+
     if "backends" in args.parts:
         log("[1/3] backends against fp32")
+        t0 = time.perf_counter()
         rows, ctx = (2, 128) if args.smoke else (8, 1024)
-        backends = check_backends(args.backend_size, device, rows, ctx)
+        try:
+            r.backends = check_backends(args.backend_size, device, rows, ctx)
+        except Exception as err:  # noqa: BLE001 - recorded, judged, and the next part runs
+            r.errors["backends"] = f"{type(err).__name__}: {err}"
+        r.elapsed_s["backends"] = time.perf_counter() - t0
+        r.done.append("backends")
+        write(r, args.out)
     if "throughput" in args.parts:
         log("[2/3] throughput (bf16 autocast, compile per block, fresh variable-length batches)")
-        for size in args.sizes:
-            for context in args.contexts:
-                if time.perf_counter() - start > BUDGET_S - 150 and not args.smoke:
-                    notes.append(f"{size} @ {context}: skipped to stay inside the time budget")
-                    continue
-                try:
-                    throughput.append(
-                        check_throughput(
-                            size, context, device, args.accum, args.steps, not args.no_compile
-                        )
-                    )
-                except torch.OutOfMemoryError:
-                    notes.append(f"{size} @ {context}: out of memory")
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+        t0 = time.perf_counter()
+        for size, context, objective in cells(args):
+            name = f"{size}@{context} {objective}"
+            if not clock.fits("throughput", THROUGHPUT_CELL_S):
+                r.skipped.append(f"throughput {name} ({clock.left('throughput'):.0f} s left)")
+                continue
+            deadline = time.perf_counter() + THROUGHPUT_CELL_S if clock.limited else math.inf
+            try:
+                row = check_throughput(
+                    size, context, objective, device, args.accum, args.steps,
+                    not args.no_compile, deadline,
+                )  # fmt: skip
+            except torch.OutOfMemoryError:
+                row = ThroughputRow(size, context, objective, error="out of memory")
+            except Exception as err:  # noqa: BLE001 - recorded, judged, the next cell runs
+                row = ThroughputRow(size, context, objective, error=f"{type(err).__name__}: {err}")
+            r.throughput.append(row)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            write(r, args.out)
+        r.elapsed_s["throughput"] = time.perf_counter() - t0
+        r.done.append("throughput")
+        write(r, args.out)
     if "composer" in args.parts:
-        log("[3/3] Composer: 130 steps, kill -9 after the step-60 checkpoint, resume")
-        try:
-            composer = check_composer(args.bundle, args.work, args.smoke)
-        except (RuntimeError, subprocess.CalledProcessError) as err:
-            notes.append(f"composer part failed: {err}")
-    notes.append(f"gpu_check took {time.perf_counter() - start:.0f} s")
-    text = report(environment(device), backends, throughput, composer, notes)
-    log("\n" + text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "gpu_check.md").write_text(text + "\n")
-    composer_failed = composer is None and "composer" in args.parts
-    return 1 if composer_failed or any(not b.ok for b in backends) else 0
+        log(f"[3/3] Composer: {COMPOSER_STEPS} steps, kill -9 after the step-60 checkpoint, resume")
+        t0 = time.perf_counter()
+        if env is None:
+            r.errors["composer"] = "not run: the setup failed"
+        elif not clock.fits("composer", BUDGETS["composer"]):
+            r.skipped.append(f"composer ({clock.left('composer'):.0f} s left)")
+        else:
+            try:
+                r.composer = check_composer(
+                    env, args.bundle, args.work, args.smoke, clock.deadline("composer")
+                )
+            except (RuntimeError, OSError, ValueError) as err:
+                r.errors["composer"] = str(err)
+        r.elapsed_s["composer"] = time.perf_counter() - t0
+        r.done.append("composer")
+    write(r, args.out)
+    fails = failures(r)
+    log("\n" + args.out.read_text())
+    log(f"gpu_check: {'FAIL' if fails else 'PASS'} ({len(fails)} failed criteria)")
+    return 1 if fails else 0
 
 
 if __name__ == "__main__":

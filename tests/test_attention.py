@@ -111,13 +111,13 @@ def test_flex_block_mask_is_sparse_cached_and_padded():
 
 def test_block_masks_built_once_per_forward(monkeypatch):
     built = []
-    real = attention.create_block_mask
+    real = attention.document_block_mask
 
     def counting(*args, **kwargs):
-        built.append(args[3])
+        built.append(args[0].shape[0])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(attention, "create_block_mask", counting)
+    monkeypatch.setattr(attention, "document_block_mask", counting)
     model = tiny(causal=True)
     model.attn_impl = "flex"
     ids, mask = batch_of([30, 12])

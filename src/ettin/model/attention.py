@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+from torch.nn.attention.flex_attention import BlockMask
 from torch.nn.attention.flex_attention import flex_attention as _flex_attention
 
 try:
@@ -31,6 +31,8 @@ __all__ = [
     "AttnImpl",
     "Varlen",
     "attention_backend",
+    "available_backends",
+    "document_block_mask",
     "flash_attention",
     "flex_attention",
     "prepare_attention",
@@ -109,21 +111,18 @@ class Varlen:
         """FlexAttention mask over the flat stream padded to a multiple of FLEX_BLOCK_SIZE (>= 2).
 
         Key j is visible from query i iff both are in the same sequence, j is inside the window
-        around i and (causal) j <= i. The padding tail is one extra "sequence" (id -1), so no
-        query row is empty. Built once per forward per (window, causal) and shared by the layers;
-        blocks that are entirely masked (other sequences, outside a local window) are skipped.
+        around i and (causal) j <= i. The padding tail is one extra "sequence" (id N), so no
+        query row is empty. Built once per forward per (window, causal), per block from the
+        sequence ids (`document_block_mask`), and shared by the layers; blocks that are entirely
+        masked (other sequences, outside a local window) are skipped.
         """
         key = ("flex", window, causal)
         if key not in self._masks:
             T = self.num_tokens
             # At least two blocks: a compiled graph would specialise on a block count of 1.
             T_pad = max(2, -(-T // FLEX_BLOCK_SIZE)) * FLEX_BLOCK_SIZE
-            seq = F.pad(self.seq_index, (0, T_pad - T), value=-1)  # (T_pad,)
-            mask_mod = _flex_mask_mod(seq, window, causal)
-            make = _flex_fn("create_block_mask", seq.device)
-            self._masks[key] = make(
-                mask_mod, None, None, T_pad, T_pad, device=seq.device, BLOCK_SIZE=FLEX_BLOCK_SIZE
-            )
+            seq = F.pad(self.seq_index, (0, T_pad - T), value=self.num_seqs)  # (T_pad,) sorted
+            self._masks[key] = document_block_mask(seq, window, causal)
         return self._masks[key]
 
     def bounds(self) -> list[tuple[int, int]]:
@@ -168,26 +167,72 @@ def _flex_mask_mod(seq: Tensor, window: Window, causal: bool):
     return mask_mod
 
 
+def document_block_mask(seq: Tensor, window: Window, causal: bool) -> BlockMask:
+    """The BlockMask of `_flex_mask_mod(seq, window, causal)`, computed per block, not per token.
+
+    `seq` (T_pad,) holds non-decreasing sequence ids (the padding tail last, with an id of its
+    own), T_pad a multiple of FLEX_BLOCK_SIZE: every sequence is one interval of the stream. So
+    the ids in a block are the range [first, last] of its first and last token, and a (query
+    block, key block) pair has a visible key iff those ranges overlap and the block pair passes
+    the window and causal tests at its nearest corner. That is exact, not a bound: a sequence in
+    both blocks covers everything between them, so its tokens include that nearest pair (and a
+    diagonal pair holds every token's own key). A pair is full (no mask_mod call) iff both
+    blocks lie inside one sequence and the farthest corner passes too. This is
+    O((T_pad / FLEX_BLOCK_SIZE)^2) work instead of create_block_mask's O(T_pad^2) evaluations
+    of the mask_mod, and the same blocks come out (tests/test_block_mask.py).
+    """
+    B = FLEX_BLOCK_SIZE
+    n = seq.shape[0] // B
+    first, last = seq[::B], seq[B - 1 :: B]  # (n,) the id range of each block
+    qb = torch.arange(n, device=seq.device)[:, None]  # query block
+    kb = torch.arange(n, device=seq.device)[None, :]  # key block
+    near = (qb - kb).abs() * B - (B - 1)  # smallest |i - j| over the pair (off the diagonal)
+    far = (qb - kb).abs() * B + (B - 1)  # largest |i - j|
+    left, right = window
+    some = (first[:, None] <= last[None, :]) & (first[None, :] <= last[:, None])
+    full = (first == last)[:, None] & (first == last)[None, :] & (first[:, None] == first[None, :])
+    if left >= 0:  # keys up to `left` before the query: limits pairs with kb < qb
+        some &= (kb >= qb) | (near <= left)
+        full &= (kb > qb) | (far <= left)
+    if right >= 0:  # keys up to `right` after the query: limits pairs with kb > qb
+        some &= (kb <= qb) | (near <= right)
+        full &= (kb < qb) | (far <= right)
+    if causal:
+        some &= kb <= qb
+        full &= kb < qb  # a diagonal block is never full: its upper triangle is masked
+    partial = some & ~full
+
+    def ordered(dense: Tensor) -> tuple[Tensor, Tensor]:
+        """(count, indices first) of the True blocks per query block, as create_block_mask."""
+        count = dense.sum(-1, dtype=torch.int32)
+        indices = torch.argsort(dense.to(torch.int8), dim=-1, descending=True, stable=True)
+        return count[None, None], indices.to(torch.int32)[None, None]  # (1, 1, n), (1, 1, n, n)
+
+    return BlockMask.from_kv_blocks(
+        *ordered(partial),
+        *ordered(full),
+        BLOCK_SIZE=B,
+        mask_mod=_flex_mask_mod(seq, window, causal),
+        seq_lengths=(seq.shape[0], seq.shape[0]),
+    )
+
+
 @functools.cache
-def _compiled(name: str) -> Callable:
-    """torch.compile'd flex_attention / create_block_mask, built once on first use."""
-    return torch.compile(_eager_flex_fn(name))
+def _compiled_flex() -> Callable:
+    """torch.compile'd flex_attention, built once on first use."""
+    return torch.compile(_flex_attention)
 
 
-def _eager_flex_fn(name: str) -> Callable:
-    return _flex_attention if name == "flex_attention" else create_block_mask
-
-
-def _flex_fn(name: Literal["flex_attention", "create_block_mask"], device: torch.device):
-    """The flex function to call: compiled on CUDA, eager on the CPU and inside a compile.
+def _flex_fn(device: torch.device) -> Callable:
+    """The flex_attention to call: compiled on CUDA, eager on the CPU and inside a compile.
 
     Eager flex_attention is an unfused reference; the fused kernel exists only compiled. On the
     CPU, torch 2.7 fails to compile it (C++ build error), so the CPU runs it eagerly. Inside a
     compiled block the enclosing compile lowers flex itself.
     """
     if device.type == "cuda" and not torch.compiler.is_compiling():
-        return _compiled(name)
-    return _eager_flex_fn(name)
+        return _compiled_flex()
+    return _flex_attention
 
 
 def sdpa_mask(
@@ -309,7 +354,7 @@ def flex_attention(
     q, k, v = (
         F.pad(t.transpose(0, 1), (0, 0, 0, T_pad - T))[None] for t in (q, k, v)
     )  # (1, heads, T_pad, head_dim)
-    attend = _flex_fn("flex_attention", q.device)
+    attend = _flex_fn(q.device)
     out = attend(q, k, v, block_mask=block_mask)  # (1, heads, T_pad, head_dim)
     return out[0, :, :T].transpose(0, 1)  # (T, heads, head_dim)
 
@@ -374,6 +419,37 @@ def attention_backend(
     if name == "torch":
         return torch_attention
     raise ValueError(f"unknown attention backend {name!r}; valid: auto, flash, flex, torch")
+
+
+@functools.cache
+def _flex_trains_on(device_type: str) -> bool:
+    """Whether flex_attention runs forward and backward on this device type (one tiny probe).
+
+    CUDA always (the compiled kernel); the CPU runs flex eagerly, whose backward torch 2.7 has
+    and torch 2.11 refuses ("FlexAttention does not support backward on CPU").
+    """
+    if device_type == "cuda":
+        return True
+    q = torch.zeros(1, 1, FLEX_BLOCK_SIZE, 8, device=device_type, requires_grad=True)
+    try:
+        _flex_attention(q, q, q).sum().backward()
+    except NotImplementedError:
+        return False
+    return True
+
+
+def available_backends(device: torch.device) -> list[str]:
+    """The attention backends that train (forward and backward) on `device`, fastest first.
+
+    flash: CUDA with flash_attn installed; flex: CUDA, or a CPU whose torch has flex's eager
+    backward; torch: everywhere.
+    """
+    names = []
+    if device.type == "cuda" and flash_attn_varlen_func is not None:
+        names.append("flash")
+    if _flex_trains_on(device.type):
+        names.append("flex")
+    return [*names, "torch"]
 
 
 def prepare_attention(attn_fn: AttentionFn, batch: Varlen, patterns: Iterable[tuple]) -> None:

@@ -237,6 +237,13 @@ def split_into(batch: dict[str, torch.Tensor], k: int) -> list[dict[str, torch.T
     return out
 
 
+def _training_device():
+    """The Composer device the Trainer trains on when none is named: the GPU when CUDA is there."""
+    from composer.utils import get_device
+
+    return get_device(None)
+
+
 def equal_microbatch_split(
     split_batch: Callable[[Any, int], Sequence], microbatch_size: int
 ) -> Callable[[Any, int], Sequence]:
@@ -249,6 +256,10 @@ def equal_microbatch_split(
     by its loss tokens. Composer also calls `split_batch` on one rank alone, to drop a padding
     sample from the last evaluation microbatch, with a smaller size: such calls are passed through
     without the collective.
+
+    Composer 0.32 splits the batch *before* moving it to the device, so the batch's tensors are
+    on the host: the count goes to the training device for the all-reduce (NCCL refuses host
+    tensors; gloo cannot tell).
     """
     from composer.utils import dist
 
@@ -256,8 +267,7 @@ def equal_microbatch_split(
         parts = split_batch(batch, size)
         if size != microbatch_size or dist.get_world_size() == 1:
             return parts
-        device = batch["input_ids"].device
-        most = torch.tensor([len(parts)], dtype=torch.int64, device=device)
+        most = _training_device().tensor_to_device(torch.tensor([len(parts)], dtype=torch.int64))
         dist.all_reduce(most, reduce_operation="MAX")
         k = int(most.item())
         if k == len(parts):
