@@ -75,7 +75,7 @@ wheelhouse: install  ## .gpu/: wheels, tokenizer and data for `make gpu-check` o
 	$(BIN)/pip wheel --quiet --no-deps -w .gpu/wheels $(GPU_SDISTS)
 	$(BIN)/pip install --quiet --dry-run --no-index --no-deps --only-binary=:all: $(GPU_TAGS) \
 		--target .gpu/.tags-check .gpu/wheels/*.whl
-	$(BIN)/python -c "from ettin.prep.tokenizer import build_ettin_tokenizer as b; import shutil; shutil.copytree(b(), '.gpu/tokenizer')"
+	$(BIN)/python -c "from ettin.tokenizer import build_ettin_tokenizer as b; import shutil; shutil.copytree(b(), '.gpu/tokenizer')"
 	$(ETTIN) prep data_prep/sotu.yaml --phases pretrain --out .gpu/data --quiet
 	du -sh .gpu .gpu/*
 

@@ -203,7 +203,7 @@ def test_inductor_bf16_autocast_trains():
 
 def test_build_model_takes_runtime_settings_from_the_config(tokenizer_dir):
     from ettin.config import load_config
-    from ettin.prep.tokenizer import load_tokenizer
+    from ettin.tokenizer import load_tokenizer
     from ettin.train import build_model
 
     cfg = load_config(
