@@ -85,7 +85,7 @@ wheelhouse: install  ## .gpu/: wheels, tokenizer and data for `make gpu-check` o
 # gpu_check.py installs it on the GPU (`pip install --no-index --no-deps --target`); then the
 # check's CPU smoke run: backends and throughput at the test size, and the Composer part's
 # 130 steps, kill -9 and resume.
-STANDIN_PY ?= python3.12
+STANDIN_PY ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
 STANDIN := .standin
 STANDIN_IMAGE := torch==2.11.0 torchvision==0.26.0 numpy==2.5.2 safetensors==0.8.0 \
 	pillow==13.0.0 pyyaml==6.0.4 requests==2.34.2 tqdm==4.70.1 packaging==26.4 psutil==7.2.2 \
