@@ -297,3 +297,15 @@ def write_reference_phase(
             [str(p) for p in sorted((root / split).glob("*/index.json"))], str(root / split)
         )
     return root
+
+
+class TrainingDevice:
+    """Composer's training device, standing in for a GPU: remembers the tensors moved to it (the
+    collective tests check that every tensor handed to a collective went through it)."""
+
+    def __init__(self) -> None:
+        self.moved: list[Any] = []
+
+    def tensor_to_device(self, tensor: Any) -> Any:
+        self.moved.append(tensor.clone())
+        return self.moved[-1]

@@ -9,6 +9,7 @@ from types import ModuleType, SimpleNamespace
 import pytest
 import torch
 from composer.core import Timestamp
+from helpers import TrainingDevice
 from torch import nn
 
 from ettin.callbacks import GradNorm, HFExport, PackingEfficiency, Throughput
@@ -142,17 +143,6 @@ def test_sequence_lengths_and_packing_efficiency() -> None:
     assert logger.metrics == [{"trainer/packing_efficiency": pytest.approx(0.75)}] * 2
 
 
-class _TrainingDevice:
-    """Stands in for Composer's training device: remembers the tensors it has moved there."""
-
-    def __init__(self) -> None:
-        self.moved: list[torch.Tensor] = []
-
-    def tensor_to_device(self, tensor: torch.Tensor) -> torch.Tensor:
-        self.moved.append(tensor.clone())
-        return self.moved[-1]
-
-
 def test_throughput_collectives_run_on_the_training_device(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -161,7 +151,7 @@ def test_throughput_collectives_run_on_the_training_device(
     At BATCH_END Composer has restored the host copy of the batch, so statistics computed from it
     live on the CPU; on a GPU run an all_reduce of them stopped training at the first window.
     """
-    device = _TrainingDevice()
+    device = TrainingDevice()
     reduced: list[torch.Tensor] = []
 
     def all_reduce(tensor: torch.Tensor, reduce_operation: str = "SUM") -> None:
@@ -184,7 +174,7 @@ def test_throughput_window(monkeypatch: pytest.MonkeyPatch) -> None:
         window=2, flops_per_token_fn=lambda length: 100.0 * length, peak_flops_per_device=1e3
     )
     logger = Recorder()
-    state = SimpleNamespace(batch={"attention_mask": MASK}, device=_TrainingDevice())
+    state = SimpleNamespace(batch={"attention_mask": MASK}, device=TrainingDevice())
     callback.batch_end(state, logger)  # t=0: the first batch only starts the clock
     callback.batch_end(state, logger)  # t=1
     callback.eval_start(state, logger)  # t=1.5 .. 2.5: one second of evaluation, not counted

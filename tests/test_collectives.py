@@ -14,22 +14,12 @@ from __future__ import annotations
 import pytest
 import torch
 from composer.utils import dist
+from helpers import TrainingDevice
 
 from ettin.callbacks import grad_norm as grad_norm_module
 from ettin.parallel import fsdp
 
 META = torch.device("meta")
-
-
-class TrainingDevice:
-    """Composer's training device, standing in for a GPU: remembers the tensors moved to it."""
-
-    def __init__(self) -> None:
-        self.moved: list[torch.Tensor] = []
-
-    def tensor_to_device(self, tensor: torch.Tensor) -> torch.Tensor:
-        self.moved.append(tensor.clone())
-        return self.moved[-1]
 
 
 def _batch(rows: int) -> dict[str, torch.Tensor]:
