@@ -219,7 +219,7 @@ def test_recipe_chain_runs_every_stage_from_its_predecessor(world, capsys):
         _, info = read_checkpoint(final[s.cfg.run_name])
         assert min(losses(Path(s.cfg.run_dir))) == 0  # time restarts: weights only
         if s.cfg.run_name not in expected:
-            assert info.lineage == {}  # from scratch
+            assert info.lineage == {"objectives": [s.cfg.objective.name]}  # from scratch
             continue
         # The stage's starting weights are exactly its predecessor's final weights.
         source_weights, source_info = read_checkpoint(final[expected[s.cfg.run_name]])
