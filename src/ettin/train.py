@@ -66,6 +66,8 @@ def init_from_checkpoint(model, path: str) -> CheckpointInfo:
             f"init_from={path} does not exist: run the previous stage first "
             "(or `ettin recipe` to run the chain), or point init_from at its checkpoint"
         )
+    import ettin.interop  # noqa: F401  (registers the reference format with read_checkpoint)
+
     state, info = read_checkpoint(path)
     load_weights(model, state, source=path)
     if info.model_args.causal != model.args.causal:
