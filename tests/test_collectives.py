@@ -48,20 +48,13 @@ def test_equal_microbatch_split_all_reduces_on_the_training_device(monkeypatch):
 
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
-    monkeypatch.setattr(fsdp, "_training_device", lambda: device, raising=False)
-    split = fsdp.equal_microbatch_split(_split, microbatch_size=2)
+    split = fsdp.equal_microbatch_split(_split, microbatch_size=2, device=device)
     parts = split(_batch(4), 2)  # this rank alone would need 2 microbatches
     assert reduced == ["MAX"]
     assert [p["input_ids"].shape[0] for p in parts] == [1, 1, 2]
     assert split(_batch(4), 1) and reduced == [
         "MAX"
     ]  # Composer's eval-tail re-split: no collective
-
-
-def test_training_device_is_the_trainers_default():
-    """The default is the device Composer's Trainer picks when it is told none (GPU if CUDA)."""
-    expected = "DeviceGPU" if torch.cuda.is_available() else "DeviceCPU"
-    assert type(fsdp._training_device()).__name__ == expected
 
 
 def test_grad_norm_all_reduces_on_the_parameters_device(monkeypatch):

@@ -176,23 +176,28 @@ def test_export_import_round_trip_is_exact(exports, causal):
     assert tokenizer is not None and tokenizer.mask_token_id == 4
 
 
-def test_decoder_greedy_generate_matches_our_loop(exports):
-    model, path = exports[True]
-    hf, _, _ = load_hf(path, causal=True)
-    prompt = padded_batch()[0][:1, :10]
+def greedy_both(model, hf, prompt, steps: int = 20):
+    """Greedy continuations of `prompt`: transformers' `generate` on the export, and our loop."""
     with torch.no_grad():
         theirs = hf.generate(
             prompt,
             attention_mask=torch.ones_like(prompt),
-            max_new_tokens=20,
+            max_new_tokens=steps,
             do_sample=False,
             eos_token_id=None,
             pad_token_id=0,
         )
-        ids = prompt
-        for _ in range(20):  # 30 tokens in all: well past the 16-token window
-            next_id = model.padded_logits(ids, torch.ones_like(ids))[0, -1].argmax()
-            ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
+        ours = prompt
+        for _ in range(steps):
+            next_id = model.padded_logits(ours, torch.ones_like(ours))[0, -1].argmax()
+            ours = torch.cat([ours, next_id.view(1, 1)], dim=1)
+    return theirs, ours
+
+
+def test_decoder_greedy_generate_matches_our_loop(exports):
+    model, path = exports[True]
+    hf, _, _ = load_hf(path, causal=True)
+    theirs, ids = greedy_both(model, hf, padded_batch()[0][:1, :10])  # 30 tokens: past the window
     assert theirs.shape == (1, 30)
     assert theirs.tolist() == ids.tolist()
 
@@ -402,20 +407,7 @@ def test_reference_window_decoder_exports_exactly(tmp_path, attn):
         other = tiny_model(causal=True).padded_logits(ids, mask)  # same weights, HF's window
     assert (ours - theirs)[real].abs().max().item() <= 1e-4
     assert (ours - other)[real].abs().max().item() > 1e-3
-    prompt = ids[:1, :10]
-    with torch.no_grad():
-        generated = hf.generate(
-            prompt,
-            attention_mask=torch.ones_like(prompt),
-            max_new_tokens=20,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-        loop = prompt
-        for _ in range(20):
-            next_id = model.padded_logits(loop, torch.ones_like(loop))[0, -1].argmax()
-            loop = torch.cat([loop, next_id.view(1, 1)], dim=1)
+    generated, loop = greedy_both(model, hf, ids[:1, :10])
     assert generated.tolist() == loop.tolist()
     back, _ = import_hf(path, local_files_only=True)
     assert (back.args.local_attention, back.args.causal_window) == (LOCAL, "reference")

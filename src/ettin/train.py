@@ -117,7 +117,7 @@ def build_trainer(cfg: RunConfig):
     from composer import Trainer
     from composer.callbacks import LRMonitor
     from composer.core import Evaluator
-    from composer.utils import dist, reproducibility
+    from composer.utils import dist, get_device, reproducibility
 
     from ettin.callbacks import (
         DataOrderRecorder,
@@ -136,6 +136,7 @@ def build_trainer(cfg: RunConfig):
     run_dir = Path(cfg.run_dir)
     on_gpu = torch.cuda.is_available()
     dist.initialize_dist("gpu" if on_gpu else "cpu")
+    device = get_device("gpu" if on_gpu else "cpu")  # the Trainer's, shared with the FSDP split
     world, rank = dist.get_world_size(), dist.get_global_rank()  # batch sizes: checked by data
     reproducibility.seed_all(cfg.seed)
 
@@ -275,7 +276,7 @@ def build_trainer(cfg: RunConfig):
         # Every rank must run as many forward/backward passes as the others (packing, eval tails).
         for spec in [train, *(e.dataloader for e in evaluators)]:
             spec.split_batch = equal_microbatch_split(
-                spec.split_batch, cfg.device_train_microbatch_size
+                spec.split_batch, cfg.device_train_microbatch_size, device
             )
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -295,7 +296,7 @@ def build_trainer(cfg: RunConfig):
         schedulers=scheduler,
         step_schedulers_every_batch=True,
         precision=precision,
-        device="gpu" if on_gpu else "cpu",
+        device=device,
         device_train_microbatch_size=cfg.device_train_microbatch_size,
         accumulate_train_batch_on_tokens=True,
         parallelism_config=parallelism,

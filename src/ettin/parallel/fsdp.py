@@ -237,15 +237,8 @@ def split_into(batch: dict[str, torch.Tensor], k: int) -> list[dict[str, torch.T
     return out
 
 
-def _training_device():
-    """The Composer device the Trainer trains on when none is named: the GPU when CUDA is there."""
-    from composer.utils import get_device
-
-    return get_device(None)
-
-
 def equal_microbatch_split(
-    split_batch: Callable[[Any, int], Sequence], microbatch_size: int
+    split_batch: Callable[[Any, int], Sequence], microbatch_size: int, device: Any
 ) -> Callable[[Any, int], Sequence]:
     """Wrap a DataSpec's `split_batch` so every rank gets the same number of microbatches.
 
@@ -258,8 +251,8 @@ def equal_microbatch_split(
     without the collective.
 
     Composer 0.32 splits the batch *before* moving it to the device, so the batch's tensors are
-    on the host: the count goes to the training device for the all-reduce (NCCL refuses host
-    tensors; gloo cannot tell).
+    on the host: the count goes to `device` (the Trainer's Composer device) for the all-reduce
+    (NCCL refuses host tensors; gloo cannot tell).
     """
     from composer.utils import dist
 
@@ -267,7 +260,7 @@ def equal_microbatch_split(
         parts = split_batch(batch, size)
         if size != microbatch_size or dist.get_world_size() == 1:
             return parts
-        most = _training_device().tensor_to_device(torch.tensor([len(parts)], dtype=torch.int64))
+        most = device.tensor_to_device(torch.tensor([len(parts)], dtype=torch.int64))
         dist.all_reduce(most, reduce_operation="MAX")
         k = int(most.item())
         if k == len(parts):
