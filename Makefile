@@ -12,7 +12,7 @@ DATA ?= data/sotu
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip==25.1.1 setuptools wheel
-	$(BIN)/pip install -e '.[test,downstream]'
+	$(BIN)/pip install -e '.[test,downstream,scale]'
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install ettin (editable) with the test and downstream extras
