@@ -271,31 +271,49 @@ def write_order_tree(
 
 
 def write_reference_phase(
-    root: str | Path, splits: dict[str, dict[str, Sequence[np.ndarray]]], size_limit: int = 2048
+    root: str | Path,
+    splits: dict[str, dict[str, Sequence[np.ndarray]]],
+    size_limit: int = 2048,
+    *,
+    hashes: Sequence[str] = ("sha1", "xxh64"),
+    chunks: int = 0,
 ) -> Path:
     """A phase as the published Ettin phases hold it: per split, one folder per source written by
     the reference's `MDSWriter(columns={'input_ids': 'ndarray:uint32', 'id': 'str'},
-    compression='zstd')`, merged into `<split>/index.json` with Streaming's `merge_index` (as the
-    reference's create_final_dataset_index.py does); no meta.json. Shard basenames in the merged
-    index are `<source>/shard.NNNNN.mds(.zstd)`."""
+    compression='zstd')` (zstd only: the writer removes the raw shards), merged into
+    `<split>/index.json` with Streaming's `merge_index` (as the reference's
+    create_final_dataset_index.py does); no meta.json. Shard basenames in the merged index are
+    `<source>/shard.NNNNN.mds(.zstd)`. `hashes=()` is the reference writer's own default (index.json
+    records `hashes: {}`); `chunks=k` splits each source into `<source>/chunk_<i>/` folders merged
+    level by level (each with its own index.json, as the reference's make_recursive_root.py does),
+    so basenames are `<source>/chunk_<i>/shard.NNNNN.mds(.zstd)`."""
     from streaming import MDSWriter
     from streaming.base.util import merge_index
+
+    def write(out: Path, samples: Sequence[np.ndarray], name: str) -> None:
+        with MDSWriter(
+            out=str(out),
+            columns={"input_ids": "ndarray:uint32", "id": "str"},
+            compression="zstd",
+            hashes=list(hashes) or None,
+            size_limit=size_limit,
+        ) as w:
+            for i, ids in enumerate(samples):
+                w.write({"input_ids": np.asarray(ids, np.uint32), "id": f"{name}-{i}"})
+
+    def merge(folder: Path) -> None:
+        merge_index([str(p) for p in sorted(folder.glob("*/index.json"))], str(folder))
 
     root = Path(root)
     for split, sources in splits.items():
         for source, samples in sources.items():
-            with MDSWriter(
-                out=str(root / split / source),
-                columns={"input_ids": "ndarray:uint32", "id": "str"},
-                compression="zstd",
-                hashes=["sha1", "xxh64"],
-                size_limit=size_limit,
-            ) as w:
-                for i, ids in enumerate(samples):
-                    w.write({"input_ids": np.asarray(ids, np.uint32), "id": f"{source}-{i}"})
-        merge_index(
-            [str(p) for p in sorted((root / split).glob("*/index.json"))], str(root / split)
-        )
+            if not chunks:
+                write(root / split / source, samples, source)
+                continue
+            for c in range(chunks):
+                write(root / split / source / f"chunk_{c}", samples[c::chunks], f"{source}-{c}")
+            merge(root / split / source)
+        merge(root / split)
     return root
 
 
