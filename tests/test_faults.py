@@ -19,13 +19,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import WORDS, counting_samples, free_port, losses, metric_rows, write_world
+from helpers import (
+    WORDS,
+    counting_samples,
+    free_port,
+    interrupted_fit,
+    losses,
+    metric_rows,
+    tiny_overrides,
+    write_world,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 COMPOSER = str(Path(sys.executable).with_name("composer"))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 ENV.pop("ETTIN_DEBUG", None)
+# the killer script imports `helpers` (its `stop_at`) from this folder
+ENV["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "tests"), ENV.get("PYTHONPATH")) if p)
 
 # Runs ettin's training entry after arranging its own SIGKILL (no hooks in the library):
 #   ETTIN_TEST_KILL=batch:K  kill -9 at the end of batch K (rank 0), after the checkpoints before it
@@ -37,17 +48,12 @@ import torch
 mode, at = os.environ["ETTIN_TEST_KILL"].split(":")
 at = int(at)
 if mode == "batch":
-    from composer.core import Callback
-    from composer.utils import dist
     import ettin.train as entry
+    from helpers import stop_at
     build = entry.build_trainer
-    class Kill(Callback):
-        def batch_end(self, state, logger):
-            if state.timestamp.batch.value == at and dist.get_global_rank() == 0:
-                os.kill(os.getpid(), signal.SIGKILL)
     def build_trainer(cfg):
         trainer = build(cfg)
-        trainer.state.callbacks.append(Kill())
+        trainer.state.callbacks.append(stop_at(at, kill=True))
         return trainer
     entry.build_trainer = build_trainer
 else:
@@ -80,17 +86,9 @@ def world(tmp_path_factory):
 
 
 def _overrides(world: Path, run: str, objective: str, *extra: str) -> list[str]:
-    return [
-        f"objective={objective}",
-        f"tokenizer={world / 'tokenizer'}",
-        f"data_root={world / 'data'}",
-        f"run_dir={world / 'runs' / run}",
-        f"run_name={run}",
-        "data.max_seq_len=48",
-        "callbacks.export_hf=false",
-        "logging.console_interval=1000ba",
-        *extra,
-    ]
+    """The tiny run with the suite's dropout (0.1), no export."""
+    quiet = ("callbacks.export_hf=false", "logging.console_interval=1000ba")
+    return tiny_overrides(world, run, *quiet, *extra, objective=objective, dropout=None)
 
 
 def _cmd(world: Path, script: str, overrides: list[str], ranks: int = 1) -> list[str]:
@@ -302,24 +300,12 @@ def test_interrupted_run_resumes_with_dropout_and_logs_each_step_once(
 ):
     """In-process: stop after step 8 (checkpoint at 6), rerun; dropout 0.1 stays exact and
     metrics.jsonl keeps one copy of every row."""
-    from composer.core import Callback
-
-    from ettin.train import build_trainer, train
+    from ettin.train import train
 
     straight, _ = straight_mlm
     cfg = _train_cfg(world, "interrupted", "max_duration=12ba", "save_interval=6ba")
     assert cfg.model.attn_out_dropout == 0.1
-
-    class Stop(Callback):
-        def batch_end(self, state, logger):
-            if state.timestamp.batch.value == 8:
-                raise KeyboardInterrupt("simulated preemption")
-
-    trainer = build_trainer(cfg)
-    trainer.state.callbacks.append(Stop())
-    with pytest.raises(KeyboardInterrupt):
-        trainer.fit()
-    trainer.close()
+    interrupted_fit(cfg, 8)
     torch.manual_seed(1234)  # whatever the process did before, the rerun must not depend on it
     train(cfg)
     _assert_same_run(straight, Path(cfg.run_dir), 12)

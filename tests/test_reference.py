@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import losses, tiny_config
+from helpers import TINY_RUN, losses, tiny_config, tiny_overrides
 
 from ettin.interop.reference import (
     ReferenceError,
@@ -467,17 +467,9 @@ def test_resume_into_continues_the_reference_run_exactly(world, tmp_path, object
             "--resume-into",
             resumed.run_dir,
             "--config",
-            str(Path(__file__).parents[1] / "yamls/tiny/encoder.yaml"),
+            str(TINY_RUN),
             "--set",
-            *[
-                f"objective={objective}",
-                f"tokenizer={world / 'tokenizer'}",
-                f"data_root={world / 'data'}",
-                f"run_name={resumed.run_name}",
-                "data.max_seq_len=48",
-                "model.attn_out_dropout=0.0",
-                *common,
-            ],
+            *tiny_overrides(world, resumed.run_name, *common, objective=objective),
         ]
     )
     latest = Path(resumed.run_dir) / "checkpoints/latest-rank0.pt"

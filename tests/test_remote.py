@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import WORDS, counting_samples, losses
+from helpers import WORDS, counting_samples, interrupted_fit, losses, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "ettin-test"
@@ -87,18 +87,7 @@ def world(tmp_path_factory, s3):
 
 
 def _overrides(world: Path, run: str, *extra: str) -> list[str]:
-    return [
-        "objective=mlm",
-        f"tokenizer={world / 'tokenizer'}",
-        f"data_root={world / 'data'}",
-        f"run_dir={world / 'runs' / run}",
-        f"run_name={run}",
-        "data.max_seq_len=48",
-        "model.attn_out_dropout=0.0",
-        "callbacks.export_hf=false",
-        "logging.console_interval=100ba",
-        *extra,
-    ]
+    return tiny_overrides(world, run, "callbacks.export_hf=false", *extra)
 
 
 def _cfg(world: Path, run: str, *extra: str):
@@ -440,20 +429,9 @@ def test_streaming_order_stays_in_its_cache_limit_and_resumes_exactly(world):
     gc.collect()
     assert 0 < peak[0] <= limit, (peak[0], limit, len(peak[-1]), peak[-1][-4:])
 
-    class Kill(Callback):
-        def batch_end(self, state, logger):
-            if state.timestamp.batch.value == 7:
-                raise KeyboardInterrupt("simulated preemption")
-
     cache_b = world / "stream-b"
     cfg = _cfg(world, "stream-killed", *common(cache_b))
-    trainer = build_trainer(cfg)
-    trainer.state.callbacks.append(Kill())
-    with pytest.raises(KeyboardInterrupt):
-        trainer.fit()
-    trainer.close()
-    del trainer
-    gc.collect()
+    interrupted_fit(cfg, 7)
     train(cfg)  # autoresume from step 5, Streaming's state restored by Composer
     straight, resumed = (
         losses(world / "runs/stream-straight"),
