@@ -331,8 +331,9 @@ class CallbacksConfig:
     """A step loss above ratio x that running median is a spike."""
     loss_spike_action: str = "stop"
     """stop: save a checkpoint and stop the run. rewind: record the step in
-    <run_dir>/skip_steps.json and stop without saving, so a rerun resumes from the last
-    checkpoint and the data order skips that step (data.skip_steps)."""
+    <run_dir>/skip_steps.json and stop without saving, so rerunning the same command resumes from
+    the last checkpoint and the data order skips that step (`ettin.data.skips`); rewind needs
+    data.order=global."""
 
     def __post_init__(self) -> None:
         _choice("callbacks.loss_spike_action", self.loss_spike_action, ("stop", "rewind"))
