@@ -138,7 +138,10 @@ def test_bad_overrides_name_the_problem(override, expected):
         (["max_duration=20"], "max_duration='20' is not a Composer time string"),
         (["save_interval=often"], "save_interval='often' is not a Composer time string"),
         (["scheduler.t_decay=100ba"], "scheduler.t_decay=100ba is in ba but max_duration"),
-        (["data.batch_size_warmup_tokens=5ba"], "data.batch_size_warmup_tokens='5ba' must be"),
+        (
+            ["data.batch_size_warmup_tokens=5ba"],
+            "data.batch_size_warmup_tokens='5ba': use tok, not ba",
+        ),
         (["data.max_seq_len=2"], "data.max_seq_len=2 is too short for objective=mlm"),
         (["callbacks.speed_window=0"], "callbacks.speed_window must be >= 1"),
     ],

@@ -259,29 +259,17 @@ class SchedulerConfig:
         if not 0.0 <= self.alpha_f <= 1.0:
             raise ConfigError(f"scheduler.alpha_f={self.alpha_f} must be in [0, 1]")
         for name in ("t_warmup", "t_decay"):
-            scheduler_time(getattr(self, name), f"scheduler.{name}")
+            run_time(getattr(self, name), f"scheduler.{name}")
 
 
-def token_count(value: str | int, where: str) -> int:
-    """A number of tokens: a Composer time string in tokens ('50_000_000tok') or an int."""
-    if isinstance(value, int) and value >= 0:
-        return value
-    from composer.core import Time, TimeUnit
-
-    try:
-        time = Time.from_timestring(str(value))
-    except ValueError:
-        raise ConfigError(
-            f"{where}={value!r} is not a token count such as '50_000_000tok'"
-        ) from None
-    if time.unit != TimeUnit.TOKEN or time.value < 0:
-        raise ConfigError(f"{where}={value!r} must be a number of tokens (suffix 'tok')")
-    return int(time.value)
+RUN_UNITS = ("tok", "ba", "sp", "ep", "dur")
+"""Composer time units a config may use (not seconds nor iterations)."""
 
 
-def run_time(value: str, where: str, units: tuple[str, ...]) -> Any:
-    """A Composer time string (`100ba`, `8_500_000_000tok`) in one of `units`, not negative."""
-    from composer.core import Time
+def run_time(value: str, where: str, units: tuple[str, ...] = RUN_UNITS) -> Any:
+    """A config's Composer time string (`100ba`, `8_500_000_000tok`) as `Time`: in one of
+    `units`, not negative, and at most the whole run when in `dur`."""
+    from composer.core import Time  # Composer only when a config is checked
 
     try:
         time = Time.from_timestring(str(value))
@@ -294,24 +282,16 @@ def run_time(value: str, where: str, units: tuple[str, ...]) -> Any:
         raise ConfigError(f"{where}={value!r}: use {', '.join(units)}, not {time.unit.value}")
     if time.value < 0:
         raise ConfigError(f"{where}={value!r} must not be negative")
-    return time
-
-
-def scheduler_time(value: str, where: str) -> Any:
-    """A schedule length as Composer `Time`; in tok, ba, sp, ep or dur, not negative, <= 1dur."""
-    from composer.core import Time, TimeUnit  # Composer only when a config is checked
-
-    try:
-        time = Time.from_timestring(value)
-    except ValueError as err:
-        raise ConfigError(f"{where}={value!r} is not a Composer time string: {err}") from None
-    if time.unit in (TimeUnit.SECOND, TimeUnit.ITERATION):
-        raise ConfigError(f"{where}={value!r}: use tok, ba, sp, ep or dur, not {time.unit.value}")
-    if time.value < 0:
-        raise ConfigError(f"{where}={value!r} must not be negative")
-    if time.unit == TimeUnit.DURATION and time.value > 1:
+    if time.unit.value == "dur" and time.value > 1:
         raise ConfigError(f"{where}={value!r} is longer than the run (at most 1dur)")
     return time
+
+
+def token_count(value: str | int, where: str) -> int:
+    """A number of tokens: a time string in tokens ('50_000_000tok') or an int."""
+    if isinstance(value, int) and value >= 0:
+        return value
+    return int(run_time(value, where, ("tok",)).value)
 
 
 @dataclass(kw_only=True)
@@ -441,9 +421,9 @@ class RunConfig:
                 f"{self.objective.name}: a sample needs at least {shortest} tokens"
             )
         duration = run_time(self.max_duration, "max_duration", ("tok", "ba", "sp", "ep"))
-        run_time(self.save_interval, "save_interval", ("tok", "ba", "sp", "ep", "dur"))
-        run_time(self.eval_interval, "eval_interval", ("tok", "ba", "sp", "ep", "dur"))
-        decay = scheduler_time(self.scheduler.t_decay, "scheduler.t_decay")
+        run_time(self.save_interval, "save_interval")
+        run_time(self.eval_interval, "eval_interval")
+        decay = run_time(self.scheduler.t_decay, "scheduler.t_decay")
         if decay.value > 0 and decay.unit.value not in ("dur", duration.unit.value):
             raise ConfigError(
                 f"scheduler.t_decay={self.scheduler.t_decay} is in {decay.unit.value} but "
