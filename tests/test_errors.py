@@ -49,6 +49,34 @@ def test_every_error_class_has_the_one_base_and_shadows_no_builtin():
         assert cls is EttinError or issubclass(cls, UserError), f"{module}.{name}"
 
 
+# Builtins ettin raises on purpose, for bugs (internal invariants) and missing optional packages.
+BUILTINS_RAISED = {
+    "AttributeError",
+    "ImportError",
+    "IndexError",
+    "KeyError",
+    "LookupError",
+    "NotImplementedError",
+    "RuntimeError",
+    "TypeError",
+    "ValueError",
+}
+
+
+def test_every_raised_error_is_ours_or_an_ordinary_builtin():
+    """A renamed class leaves no `raise OldName(...)` that silently means a builtin (the
+    builtin ReferenceError once stood in for the reference format's error)."""
+    ours = set(_defined_errors())
+    odd = []
+    for path in SRC.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call):
+                name = getattr(node.exc.func, "id", getattr(node.exc.func, "attr", None))
+                if name and name.endswith("Error") and name not in ours | BUILTINS_RAISED:
+                    odd.append(f"{path.relative_to(SRC)}:{node.lineno} raises {name}")
+    assert not odd, odd
+
+
 def test_one_line_errors_converts_user_errors_only(capsys):
     with pytest.raises(SystemExit) as exit_info, one_line_errors("ettin x", debug=False):
         raise UsageError("give OUT")
