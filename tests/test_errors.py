@@ -1,4 +1,4 @@
-"""Errors look like what they are: a user's mistake is one line (exit 2), a bug a traceback (exit 1).
+"""Errors look like what they are: a user's mistake is one line (exit 2), a bug a traceback.
 
 Every error class ettin defines derives from `EttinError`, the user-facing ones from `UserError`
 (the only ones `one_line_errors` turns into one line); none shadows a builtin name. The raise
