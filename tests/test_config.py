@@ -127,6 +127,33 @@ def test_bad_overrides_name_the_problem(override, expected):
     assert expected in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["model.size=17M"], "model.size='17M' is not one of 17m, 32m"),
+        (["model.num_heads=3"], "model.hidden_size (256) must be a multiple of num_heads (3)"),
+        (["model.local_attention=127"], "model.local_attention (127) must be even"),
+        (["optim.betas=[0.9]"], "optim.betas must have two values"),
+        (["max_duration=1dur"], "max_duration='1dur': use tok, ba, sp, ep, not dur"),
+        (["max_duration=20"], "max_duration='20' is not a Composer time string"),
+        (["save_interval=often"], "save_interval='often' is not a Composer time string"),
+        (["scheduler.t_decay=100ba"], "scheduler.t_decay=100ba is in ba but max_duration"),
+        (
+            ["data.batch_size_warmup_tokens=5ba"],
+            "data.batch_size_warmup_tokens='5ba': use tok, not ba",
+        ),
+        (["data.max_seq_len=2"], "data.max_seq_len=2 is too short for objective=mlm"),
+        (["callbacks.speed_window=0"], "callbacks.speed_window must be >= 1"),
+    ],
+)
+def test_values_that_failed_during_the_run_are_refused_when_the_config_is_read(overrides, expected):
+    """These surfaced only once the model, the optimiser or the schedule was built (or as a
+    traceback, now that only user errors are one line): the config names them first."""
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "yamls/encoder-17m.yaml", overrides)
+    assert expected in str(err.value)
+
+
 def test_unknown_key_in_a_yaml_file(tmp_path):
     tree = tmp_path / "yamls"
     tree.mkdir()

@@ -17,7 +17,7 @@ import torch
 from helpers import TINY_RUN, losses, tiny_config, tiny_overrides
 
 from ettin.interop.reference import (
-    ReferenceError,
+    ReferenceFormatError,
     ettin_name,
     read_reference,
     reference_model_args,
@@ -266,11 +266,11 @@ def test_optimizer_moments_land_on_the_right_params(tmp_path, layout):
 def test_unknown_or_mismatched_tensors_are_refused_by_name(tmp_path):
     payload = reference_payload(False)
     payload["state"]["model"]["model.bert.encoder.layers.1.attn.Wqkv.bias"] = torch.zeros(3 * H)
-    with pytest.raises(ReferenceError, match=r"layers\.1\.attn\.Wqkv\.bias"):
+    with pytest.raises(ReferenceFormatError, match=r"layers\.1\.attn\.Wqkv\.bias"):
         read_reference(tmp_path / "x.pt", payload=payload)
     assert ettin_name("model.bert.encoder.layers.3.mlp.Wo.weight") == "model.layers.3.mlp.Wo.weight"
     assert ettin_name("model.lm_head.dense.weight") == "head.dense.weight"
-    with pytest.raises(ReferenceError, match="skip_first_prenorm"):
+    with pytest.raises(ReferenceFormatError, match="skip_first_prenorm"):
         ettin_name("model.bert.encoder.layers.0.attn_norm.weight")
     # a config of another size than the tensors: the first misfit tensor is named
     from ettin.checkpoint import CheckpointError, load_weights
@@ -287,10 +287,10 @@ def test_unknown_or_mismatched_tensors_are_refused_by_name(tmp_path):
     payload["state"]["integrations"]["huggingface"]["model"]["config"]["content"]["causal_mask"] = (
         False
     )
-    with pytest.raises(ReferenceError, match="lm_head.*causal_mask=False"):
+    with pytest.raises(ReferenceFormatError, match="lm_head.*causal_mask=False"):
         read_reference(tmp_path / "x.pt", payload=payload)
     # an architecture setting ours cannot represent
-    with pytest.raises(ReferenceError, match="mlp_in_bias"):
+    with pytest.raises(ReferenceFormatError, match="mlp_in_bias"):
         reference_model_args(flex_config(False, mlp_in_bias=True))
 
 
@@ -312,9 +312,9 @@ def test_a_run_of_another_size_or_objective_is_refused(tmp_path):
         num_layers=L, hidden_size=H, intermediate_size=INTER, num_heads=HEADS, vocab_size=V
     )
     check_fits_run(ref, run, "run r")
-    with pytest.raises(ReferenceError, match="num_layers: checkpoint 4, run 7.*another size"):
+    with pytest.raises(ReferenceFormatError, match="num_layers: checkpoint 4, run 7.*another size"):
         check_fits_run(ref, ModelArgs(**{**run.__dict__, "num_layers": 7}), "run r")
-    with pytest.raises(ReferenceError, match=r"encoder \(MLM\) checkpoint.*objective=mlm"):
+    with pytest.raises(ReferenceFormatError, match=r"encoder \(MLM\) checkpoint.*objective=mlm"):
         check_fits_run(ref, ModelArgs(**{**run.__dict__, "causal": True}), "run r")
 
 
@@ -386,9 +386,9 @@ def test_every_layer_local_reference_config_is_refused_by_name():
     ours cannot (layer 0 is always global, as in HF's ModernBERT): refused, never imported as
     every layer global. Without a window every layer is global, which is imported."""
     for every_n in (0, -1):
-        with pytest.raises(ReferenceError, match=r"every\s+layer local \(window 128\)"):
+        with pytest.raises(ReferenceFormatError, match=r"every\s+layer local \(window 128\)"):
             reference_model_args(flex_config(False, global_attn_every_n_layers=every_n))
-    with pytest.raises(ReferenceError, match="needs a sliding_window"):
+    with pytest.raises(ReferenceFormatError, match="needs a sliding_window"):
         reference_model_args(flex_config(False, sliding_window=-1))
     every = reference_model_args(
         flex_config(True, sliding_window=-1, global_attn_every_n_layers=-1)

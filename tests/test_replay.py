@@ -18,8 +18,9 @@ from helpers import interrupted_fit, losses, random_samples, tiny_tokenizer, wri
 
 from ettin.config import DataConfig, ObjectiveConfig, load_config
 from ettin.data import build_dataloader, read_order, write_order
-from ettin.data.order import SKIP_FILE, BatchSchedule, DataOrder
+from ettin.data.order import BatchSchedule, DataOrder
 from ettin.data.replay import export_order
+from ettin.data.skips import SKIP_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = 60

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from composer.core import Callback
 
+from ettin.errors import CheckpointError
 from ettin.model import EttinModel, ModelArgs
 
 log = logging.getLogger(__name__)
@@ -44,10 +45,6 @@ LATEST_FILENAME = "latest-rank{rank}.pt"
 INCOMPLETE = "incomplete"
 """Sub-folder of the checkpoint folder where partial or unreadable checkpoint files are moved."""
 _CHECKPOINT_RE = re.compile(r"^ep(\d+)-ba(\d+)-rank(\d+)\.pt$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used for the requested model."""
 
 
 @dataclass(frozen=True)
@@ -394,34 +391,34 @@ def load_weights(
     """Copy `state` into `model`, naming the first missing, unexpected or mis-shaped tensor."""
     try:
         load_state_dict_strict(model, state)
-    except ValueError as err:
+    except CheckpointError as err:
         raise CheckpointError(
             f"{source}: {err}. Use a checkpoint of the same size (model.size) as this run."
         ) from err
 
 
 def load_state_dict_strict(model: EttinModel, state: dict[str, torch.Tensor]) -> None:
-    """Load a state dict under our names into `model`, or say exactly what differs (ValueError).
+    """Load a state dict under our names into `model`, or say exactly what differs (CheckpointError).
 
     A missing `decoder.weight` is fine (it is tied to the embedding; HF does not save it).
     """
     expected = model.state_dict()
     for name, tensor in expected.items():
         if name in state and state[name].shape != tensor.shape:
-            raise ValueError(
+            raise CheckpointError(
                 f"state dict does not fit this model (another size?): first mismatched tensor {name!r} "
                 f"expected shape {tuple(tensor.shape)}, found {tuple(state[name].shape)}"
             )
     missing = [n for n in expected if n not in state and n != "decoder.weight"]
     unexpected = [n for n in state if n not in expected]
     if missing or unexpected:
-        raise ValueError(
+        raise CheckpointError(
             f"state dict does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]} "
             "(biases or other extra tensors are not part of the Ettin architecture)"
         )
     embedding = state["model.embeddings.tok_embeddings.weight"]
     if "decoder.weight" in state and not torch.equal(state["decoder.weight"], embedding):
-        raise ValueError(
+        raise CheckpointError(
             "decoder.weight differs from the token embedding; untied output layers are unsupported"
         )
     model.load_state_dict({**state, "decoder.weight": embedding}, strict=True)

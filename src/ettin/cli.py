@@ -15,6 +15,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ettin.errors import UsageError, debugging, one_line_errors
+
 # Rooms that add their own subcommands, in the order `ettin --help` lists them.
 ROOM_COMMANDS = ("ettin.prep.cli", "ettin.data.cli", "ettin.recipe", "ettin.eval.cli", "ettin.demo")
 
@@ -62,7 +64,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         _export_all(args)
         return
     if not args.out_dir:
-        raise ValueError("ettin export CHECKPOINT OUT_DIR: OUT_DIR is missing")
+        raise UsageError("ettin export CHECKPOINT OUT_DIR: OUT_DIR is missing")
     model, info = load_checkpoint(args.checkpoint)
     tokenizer = args.tokenizer or info.tokenizer.get("path")
     out = export_hf(
@@ -93,7 +95,7 @@ def _export_all(args: argparse.Namespace) -> None:
             print(f"{model}: {len(revs)} revisions -> {Path(out) / model} ({INDEX})")
         return
     if not args.out_dir:
-        raise ValueError("ettin export --all RUN_DIR OUT: OUT is missing")
+        raise UsageError("ettin export --all RUN_DIR OUT: OUT is missing")
     revs = export_all(args.checkpoint, args.out_dir, tokenizer=args.tokenizer)
     names = ", ".join(r.revision for r in revs)
     print(f"exported {len(revs)} revisions ({names}) to {args.out_dir}; index {INDEX}")
@@ -127,7 +129,7 @@ def _import_reference(args: argparse.Namespace) -> None:
             )
             cfg = to_run_config(raw)
         else:
-            raise ValueError(
+            raise UsageError(
                 f"--resume-into {run_dir}: pass --config RUN.yaml (the run file you will resume "
                 "with, e.g. yamls/encoder-150m.yaml) so the data, batch size and optimizer match"
             )
@@ -143,7 +145,7 @@ def _import_reference(args: argparse.Namespace) -> None:
         )
         return
     if args.out is None:
-        raise ValueError("ettin import REF.pt OUT.pt (or --resume-into RUN_DIR): OUT is missing")
+        raise UsageError("ettin import REF.pt OUT.pt (or --resume-into RUN_DIR): OUT is missing")
     from ettin.checkpoint import CheckpointInfo, load_weights, save_ettin_checkpoint
     from ettin.model import EttinModel
 
@@ -197,12 +199,12 @@ def cmd_import(args: argparse.Namespace) -> None:
         _import_reference(args)
         return
     if args.resume_into:
-        raise ValueError(
+        raise UsageError(
             "--resume-into needs a Composer checkpoint (.pt) with optimizer state; a Hugging Face "
             "model holds weights only: start from it with `ettin import SRC OUT.pt` + init_from="
         )
     if args.out is None:
-        raise ValueError("ettin import SOURCE OUT.pt: OUT is missing")
+        raise UsageError("ettin import SOURCE OUT.pt: OUT is missing")
     source, revision = split_revision(args.source, args.revision)
     model, tokenizer = import_hf(source, revision=revision)  # the tokenizer in its training form
     raw_config = read_hf_config(source, revision=revision)
@@ -350,14 +352,30 @@ def _path(text: str):
     return Path(text)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    from ettin.errors import debugging, one_line_errors
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """The command line, where a subcommand's `key=value` overrides may also follow its options.
 
+    argparse fills a `nargs="*"` positional once, so `ettin order export CFG --steps 6 a=b`
+    would leave `a=b` unrecognised; such leftovers join the subcommand's `overrides`.
+    """
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "overrides", None), list):
+        stray = [a for a in extra if a.startswith("-") or "=" not in a]
+        if not stray:
+            args.overrides += extra
+            extra = []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debugging(argv)
     if debug:
         os.environ["ETTIN_DEBUG"] = "1"  # `ettin train` runs the training entry, which reads it
-    args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    args = parse_args([a for a in argv if a != "--debug"])
     with one_line_errors(f"ettin {args.command}", debug):
         args.func(args)
 

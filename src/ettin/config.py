@@ -19,10 +19,13 @@ from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from ettin.errors import UserError
+from ettin.model.sizes import SIZES, ModelArgs, model_args
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A run configuration that cannot be used as written."""
 
 
@@ -63,8 +66,32 @@ class ModelConfig:
     flex (torch FlexAttention with a block mask), torch (exact SDPA path, the CPU oracle)."""
 
     def __post_init__(self) -> None:
+        _choice("model.size", self.size, tuple(SIZES))
         _choice("model.attn_impl", self.attn_impl, ("auto", "flash", "flex", "torch"))
         _choice("model.causal_window", self.causal_window, ("hf", "reference"))
+        try:
+            self.model_args()
+        except ValueError as err:  # ModelArgs names its fields as this section names its keys
+            raise ConfigError(str(err).replace("ModelArgs.", "model.")) from None
+
+    def model_args(self, **runtime: Any) -> ModelArgs:
+        """The `ModelArgs` of this section: the size preset, its overrides and the attention
+        settings; `runtime` adds what the run knows later (vocab_size, causal, pad_token_id)."""
+        overrides = {
+            k: getattr(self, k)
+            for k in ("num_layers", "hidden_size", "intermediate_size", "num_heads")
+            if getattr(self, k) is not None
+        }
+        return model_args(
+            self.size,
+            **overrides,
+            global_rope_theta=self.global_rope_theta,
+            local_rope_theta=self.local_rope_theta,
+            local_attention=self.local_attention,
+            causal_window=self.causal_window,
+            attn_out_dropout=self.attn_out_dropout,
+            **runtime,
+        )
 
 
 @dataclass(kw_only=True)
@@ -166,6 +193,12 @@ class DataConfig:
         )
         if self.shuffle_block_size is not None and self.shuffle_block_size <= 0:
             raise ConfigError(f"data.shuffle_block_size={self.shuffle_block_size} must be positive")
+        token_count(self.batch_size_warmup_tokens, "data.batch_size_warmup_tokens")
+        if self.batch_size_warmup_min < 0 or self.num_workers < 0:
+            raise ConfigError(
+                "data.batch_size_warmup_min and data.num_workers must not be negative, got "
+                f"{self.batch_size_warmup_min} and {self.num_workers}"
+            )
         if self.cache_limit is not None:
             parse_bytes(self.cache_limit, "data.cache_limit", error=ConfigError)
         if self.order_phase is not None and not self.order_file:
@@ -198,6 +231,12 @@ class OptimConfig:
     lr_scale: float = 1.0
     """Multiplier of `lr` in this phase (the decay phase and cross-objective runs use 0.5)."""
 
+    def __post_init__(self) -> None:
+        if len(self.betas) != 2:
+            raise ConfigError(
+                f"optim.betas must have two values, e.g. [0.9, 0.98]; got {self.betas}"
+            )
+
     @property
     def peak_lr(self) -> float:
         """The peak learning rate of this run: lr x lr_scale (also StableAdamW's max_lr)."""
@@ -220,24 +259,39 @@ class SchedulerConfig:
         if not 0.0 <= self.alpha_f <= 1.0:
             raise ConfigError(f"scheduler.alpha_f={self.alpha_f} must be in [0, 1]")
         for name in ("t_warmup", "t_decay"):
-            scheduler_time(getattr(self, name), f"scheduler.{name}")
+            run_time(getattr(self, name), f"scheduler.{name}")
 
 
-def scheduler_time(value: str, where: str) -> Any:
-    """A schedule length as Composer `Time`; in tok, ba, sp, ep or dur, not negative, <= 1dur."""
-    from composer.core import Time, TimeUnit  # Composer only when a config is checked
+RUN_UNITS = ("tok", "ba", "sp", "ep", "dur")
+"""Composer time units a config may use (not seconds nor iterations)."""
+
+
+def run_time(value: str, where: str, units: tuple[str, ...] = RUN_UNITS) -> Any:
+    """A config's Composer time string (`100ba`, `8_500_000_000tok`) as `Time`: in one of
+    `units`, not negative, and at most the whole run when in `dur`."""
+    from composer.core import Time  # Composer only when a config is checked
 
     try:
-        time = Time.from_timestring(value)
-    except ValueError as err:
-        raise ConfigError(f"{where}={value!r} is not a Composer time string: {err}") from None
-    if time.unit in (TimeUnit.SECOND, TimeUnit.ITERATION):
-        raise ConfigError(f"{where}={value!r}: use tok, ba, sp, ep or dur, not {time.unit.value}")
+        time = Time.from_timestring(str(value))
+    except ValueError:
+        raise ConfigError(
+            f"{where}={value!r} is not a Composer time string: write a number and one of "
+            f"{', '.join(units)} (e.g. 100ba or 8_500_000_000tok)"
+        ) from None
+    if time.unit.value not in units:
+        raise ConfigError(f"{where}={value!r}: use {', '.join(units)}, not {time.unit.value}")
     if time.value < 0:
         raise ConfigError(f"{where}={value!r} must not be negative")
-    if time.unit == TimeUnit.DURATION and time.value > 1:
+    if time.unit.value == "dur" and time.value > 1:
         raise ConfigError(f"{where}={value!r} is longer than the run (at most 1dur)")
     return time
+
+
+def token_count(value: str | int, where: str) -> int:
+    """A number of tokens: a time string in tokens ('50_000_000tok') or an int."""
+    if isinstance(value, int) and value >= 0:
+        return value
+    return int(run_time(value, where, ("tok",)).value)
 
 
 @dataclass(kw_only=True)
@@ -257,11 +311,17 @@ class CallbacksConfig:
     """A step loss above ratio x that running median is a spike."""
     loss_spike_action: str = "stop"
     """stop: save a checkpoint and stop the run. rewind: record the step in
-    <run_dir>/skip_steps.json and stop without saving, so a rerun resumes from the last
-    checkpoint and the data order skips that step (data.skip_steps)."""
+    <run_dir>/skip_steps.json and stop without saving, so rerunning the same command resumes from
+    the last checkpoint and the data order skips that step (`ettin.data.skips`); rewind needs
+    data.order=global."""
 
     def __post_init__(self) -> None:
         _choice("callbacks.loss_spike_action", self.loss_spike_action, ("stop", "rewind"))
+        if self.speed_window < 1 or self.grad_norm_interval < 0:
+            raise ConfigError(
+                "callbacks.speed_window must be >= 1 and callbacks.grad_norm_interval >= 0, got "
+                f"{self.speed_window} and {self.grad_norm_interval}"
+            )
         if self.loss_spike_window < 0 or self.loss_spike_ratio <= 1.0:
             raise ConfigError(
                 "callbacks.loss_spike_window must be >= 0 and callbacks.loss_spike_ratio > 1, got "
@@ -354,6 +414,33 @@ class RunConfig:
         _choice("fsdp_reduce_dtype", self.fsdp_reduce_dtype, ("fp32", "bf16"))
         if self.device_train_microbatch_size <= 0 or self.global_train_batch_size <= 0:
             raise ConfigError("batch sizes must be positive")
+        shortest = 3 if self.objective.name == "mlm" else 2  # BOS, a token (and EOS for MLM)
+        if self.data.max_seq_len < shortest:
+            raise ConfigError(
+                f"data.max_seq_len={self.data.max_seq_len} is too short for objective="
+                f"{self.objective.name}: a sample needs at least {shortest} tokens"
+            )
+        duration = run_time(self.max_duration, "max_duration", ("tok", "ba", "sp", "ep"))
+        run_time(self.save_interval, "save_interval")
+        run_time(self.eval_interval, "eval_interval")
+        decay = run_time(self.scheduler.t_decay, "scheduler.t_decay")
+        if decay.value > 0 and decay.unit.value not in ("dur", duration.unit.value):
+            raise ConfigError(
+                f"scheduler.t_decay={self.scheduler.t_decay} is in {decay.unit.value} but "
+                f"max_duration={self.max_duration} is in {duration.unit.value}: give t_decay in "
+                "the same unit or as a fraction of the run ('0.2dur')"
+            )
+        c = self.callbacks
+        if (
+            c.loss_spike_window > 0
+            and c.loss_spike_action == "rewind"
+            and self.data.order == "streaming"
+        ):
+            raise ConfigError(
+                "callbacks.loss_spike_action=rewind skips steps of the global order, which "
+                "data.order=streaming does not have (it would rewind nothing): use "
+                "callbacks.loss_spike_action=stop, or data.order=global"
+            )
 
 
 def yamls_root() -> Path:

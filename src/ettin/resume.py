@@ -27,7 +27,7 @@ from ettin.checkpoint import (
 from ettin.config import RunConfig
 from ettin.interop.reference import (
     ReferenceCheckpoint,
-    ReferenceError,
+    ReferenceFormatError,
     load_optimizer_state,
     read_reference,
 )
@@ -65,7 +65,7 @@ def check_fits_run(ref: ReferenceCheckpoint, run_args: ModelArgs, run_label: str
     """Refuse a run whose model differs from the checkpoint's (another size, objective, RoPE,
     window)."""
     if ref.model_args.causal != run_args.causal:
-        raise ReferenceError(
+        raise ReferenceFormatError(
             f"{ref.source} is a {ref.kind} checkpoint but {run_label} trains a "
             f"{'decoder (objective=clm)' if run_args.causal else 'encoder (objective=mlm)'}; "
             f"resume with objective={ref.objective}, or start the other objective from its "
@@ -77,7 +77,7 @@ def check_fits_run(ref: ReferenceCheckpoint, run_args: ModelArgs, run_label: str
         if getattr(ref.model_args, k) != getattr(run_args, k)
     ]
     if diffs:
-        raise ReferenceError(
+        raise ReferenceFormatError(
             f"{ref.source} does not fit {run_label} ({'; '.join(diffs)}): a checkpoint of another "
             "size or phase; pick the run file of the same size and phase (model.size, "
             "model.*_rope_theta, model.local_attention, model.causal_window)"
@@ -125,17 +125,19 @@ def resume_into(
     run_dir = Path(cfg.run_dir)
     folder = run_dir / "checkpoints"
     if run_checkpoints(folder):
-        raise ReferenceError(
+        raise ReferenceFormatError(
             f"{folder} already holds checkpoints; resume into a new run folder (run_dir=...)"
         )
     if not ref.moments and not weights_only:
-        raise ReferenceError(
+        raise ReferenceFormatError(
             f"{ref.source} has no optimizer state; pass --weights-only to resume with fresh "
             f"moments, or start with init_from={ref.source}"
         )
     stamp = ref.timestamp
     if not stamp.get("batch"):
-        raise ReferenceError(f"{ref.source} has no timestamp (batch 0): use init_from= instead")
+        raise ReferenceFormatError(
+            f"{ref.source} has no timestamp (batch 0): use init_from= instead"
+        )
     with tempfile.TemporaryDirectory(prefix="ettin-resume-") as tmp:
         scratch = dataclasses.replace(cfg, run_dir=tmp, autoresume=False, init_from=None)
         trainer = build_trainer(scratch)

@@ -62,7 +62,9 @@ def build_model(cfg: RunConfig, tokenizer: Any):
 def init_from_checkpoint(model, path: str) -> CheckpointInfo:
     """Load weights only (phase transition or cross-objective); time and optimiser start fresh."""
     if not Path(path).exists():
-        raise FileNotFoundError(
+        from ettin.errors import CheckpointError
+
+        raise CheckpointError(
             f"init_from={path} does not exist: run the previous stage first "
             "(or `ettin recipe` to run the chain), or point init_from at its checkpoint"
         )

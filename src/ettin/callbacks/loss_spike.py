@@ -10,21 +10,21 @@ non-finite loss, or one above `ratio` x the median of the previous `window` step
   the end of any run, so the run has a complete, resumable checkpoint at the spike. For a NaN/inf
   loss the weights after that step are not trustworthy, so nothing is saved (the newest
   checkpoint stays the one before).
-- `rewind`: the offending step is added to `<run_dir>/skip_steps.json` (the contract below),
-  the run stops without saving (the post-spike weights never become a checkpoint) and rerunning
-  the same command resumes from the newest checkpoint, before the spike; the data order's skip
-  feature (`data.skip_steps`) leaves the recorded steps out.
+- `rewind`: the offending step is added to `<run_dir>/skip_steps.json` (`ettin.data.skips`,
+  which owns that file), the run stops without saving (the post-spike weights never become a
+  checkpoint), and rerunning the same command resumes from the newest checkpoint, before the
+  spike: the run folder's skip file is read on every (re)start, so the data order leaves the
+  recorded step out with no change to the command. `ettin order export` with the same config
+  lists the order the rerun trains on. Refused with `data.order=streaming` (no order steps to
+  skip) when the config is read.
 
 Either way the final HF export is skipped, `DONE` is not written and `ettin train` exits with an
 error that says what happened (`ettin.train` raises `LossSpikeError`), so a recipe chain does not
 go on from a run that did not finish. `<run_dir>/loss_spike.json` records every trigger.
 
-**skip_steps.json contract** (read by the data order, `ettin.data.order.read_skip_file`, on
-every (re)start of the run, merged with `data.skip_steps`): `{"skip_steps": [[a, b], ...],
-"events": [...]}`; each [a, b] drops the order steps a <= step < b (the global order step of
-`ettin order export`, which is the run's 0-based step, i.e. the metrics' `batch` of the spike,
-when nothing was skipped before it; after earlier skips it is mapped through the order's kept
-steps). Ranges are sorted and merged; the guard only adds.
+The step recorded is the global order step (that of `ettin order export`): the run's 0-based
+step, i.e. the metrics' `batch` of the spike, when nothing was skipped before it; after earlier
+skips it is mapped through the order's kept steps.
 
 `SaveStep0`: at `Event.FIT_START` of a fresh run (batch 0, no batch-0 checkpoint yet), calls the
 trainer's CheckpointSaver so `ep0-ba0-rank0.pt` is written like every other checkpoint (complete,
@@ -46,40 +46,17 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
+from ettin.data.skips import SKIP_FILE, add_skip
+from ettin.errors import UserError
+
 log = logging.getLogger(__name__)
 
-SKIP_FILE = "skip_steps.json"
 EVENTS_FILE = "loss_spike.json"
 ACTIONS = ("stop", "rewind")
 
 
-class LossSpikeError(ValueError):
+class LossSpikeError(UserError):
     """The run was stopped by the loss-spike guard (the message says why and what to do)."""
-
-
-def merge_ranges(ranges: list[list[int]]) -> list[list[int]]:
-    """Sorted, merged half-open [a, b) ranges (touching ones joined)."""
-    out: list[list[int]] = []
-    for a, b in sorted([int(a), int(b)] for a, b in ranges):
-        if out and a <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], b)
-        else:
-            out.append([a, b])
-    return out
-
-
-def record_skip(run_dir: Path, first: int, end: int, event: dict[str, Any]) -> Path:
-    """Add the order steps first <= step < end to `run_dir/skip_steps.json` (merged)."""
-    path = run_dir / SKIP_FILE
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    if isinstance(data, list):  # the plain-list form the reader also accepts
-        data = {"skip_steps": data}
-    data["skip_steps"] = merge_ranges([*data.get("skip_steps", []), [first, end]])
-    data.setdefault("events", []).append(event)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
-    return path
 
 
 class LossSpikeGuard(Callback):
@@ -144,7 +121,7 @@ class LossSpikeGuard(Callback):
             past = json.loads(events.read_text()) if events.is_file() else []
             events.write_text(json.dumps([*past, event], indent=2) + "\n")
             if self.action == "rewind":
-                record_skip(self.run_dir, step, step + 1, event)
+                add_skip(self.run_dir, step, step + 1, event)
         logger.log_metrics({"loss_spike/step": step})
         log.warning("loss-spike guard at step %d: %s (%s)", step, reason, self.action)
         state.stop_training()
@@ -162,9 +139,9 @@ class LossSpikeGuard(Callback):
         head = f"loss-spike guard stopped the run at step {e.get('step')} ({e.get('reason')})"
         if e.get("action") == "rewind":
             return (
-                f"{head}; step recorded in {self.run_dir / SKIP_FILE}. Rerun the same command "
-                "with data.skip_steps=<its skip_steps> to resume from the last checkpoint "
-                "without that step"
+                f"{head}; step recorded in {self.run_dir / SKIP_FILE}. Rerun the same command to "
+                "resume from the last checkpoint without that step (the run folder's skip file "
+                "is read on every restart)"
             )
         if e.get("saved"):
             return (
@@ -194,11 +171,12 @@ class SaveStep0(Callback):
     def fit_start(self, state: State, logger: Logger) -> None:
         if int(state.timestamp.batch) != 0:
             return  # a resumed run: its step-0 checkpoint (if any) is already there
-        (saver,) = [cb for cb in state.callbacks if type(cb).__name__ == "CheckpointSaver"] or [
-            None
-        ]
-        if saver is None:
+        savers = [cb for cb in state.callbacks if type(cb).__name__ == "CheckpointSaver"]
+        if not savers:
             return
+        if len(savers) > 1:  # the run builder adds one: more is a bug, not a user's mistake
+            raise RuntimeError(f"SaveStep0 found {len(savers)} CheckpointSavers, expected one")
+        saver = savers[0]
         from ettin.checkpoint import run_checkpoints
 
         folder = Path(str(saver.folder).replace("{run_name}", state.run_name))

@@ -5,7 +5,8 @@
 - `remote`: object stores and compressed shards, fetched (verified) into a local cache.
 - `dataset`: the sample rules and `TokenDataset` over one split.
 - `order_file`: order files (a file, a folder, the published tree): parts, fetch, step index.
-- `order`: the permutation/step/rank rule, batch-size warm-up, skip ranges, exact resumption.
+- `skips`: skip ranges, `data.skip_steps` and the run folder's `skip_steps.json`.
+- `order`: the permutation/step/rank rule, batch-size warm-up, exact resumption, `order_for_run`.
 - `replay`: training from order files (their tokens, the fit check), export, audit.
 - `streaming`: Streaming's own order for splits that do not fit a node.
 - `collate`: pad-to-longest or packing, with MLM masks from `ettin.objectives`.

@@ -53,29 +53,31 @@ def _load(config: str, overrides: list[str], order_file: str | None = None):
 
 
 def _order(cfg: Any, num_samples: int, replay: Any):
-    from ettin.data.order import build_order
+    """The order the run trains on (`order_for_run`: its config and its run folder's skips)."""
+    from ettin.data.order import order_for_run
 
-    return build_order(
+    return order_for_run(
+        cfg.data,
         num_samples,
         global_batch_size=cfg.global_train_batch_size,
-        seed=cfg.data.shuffle_seed,
-        max_seq_len=cfg.data.max_seq_len,
-        warmup_tokens=cfg.data.batch_size_warmup_tokens,
-        warmup_min=cfg.data.batch_size_warmup_min,
-        order_file=replay,
-        skip_steps=cfg.data.skip_steps,
+        replay=replay,
+        run_dir=cfg.run_dir,
     )
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     from ettin.data.replay import export_order, write_order
+    from ettin.data.skips import SKIP_FILE
+    from ettin.errors import UsageError
 
     cfg, _, _, replay, data = _load(args.config, args.overrides)
     order = _order(cfg, len(data), replay)
     steps = args.steps
     if steps is None:
         if replay is None:
-            raise SystemExit("give --steps N (the number of optimiser steps to export)")
+            raise UsageError("give --steps N (the number of optimiser steps to export)")
         steps = len(order.kept(0))  # the whole order file
     published = args.format == "ettin"
     table = export_order(
@@ -91,18 +93,25 @@ def cmd_export(args: argparse.Namespace) -> None:
         f"wrote {table.num_rows} samples of steps {int(steps[0])}-{int(steps[-1])} to {path} "
         f"(columns: {', '.join(table.column_names)}); replay with data.order_file={path}"
     )
+    if order.skip_ranges:
+        print(
+            f"skipped order steps {[list(r) for r in order.skip_ranges]} (data.skip_steps and "
+            f"{Path(cfg.run_dir) / SKIP_FILE}), as the run does"
+        )
 
 
 def cmd_replay(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from ettin.data.replay import check_fits
+    from ettin.data.shards import DataError
+    from ettin.errors import UsageError
 
     path = args.order
     cfg, rules, shards, replay, data = _load(args.config, args.overrides, order_file=path)
     path = path or cfg.data.order_file
     if not path:
-        raise ValueError("give the order file with --order PATH (or data.order_file=PATH)")
+        raise UsageError("give the order file with --order PATH (or data.order_file=PATH)")
     order = _order(cfg, len(data), replay)  # checks ids against the dataset
     sizes = replay.sizes
     checked = 0
@@ -115,7 +124,7 @@ def cmd_replay(args: argparse.Namespace) -> None:
             sid, got = data[row]
             want = shards[sid][1]
             if not np.array_equal(want, got):
-                raise ValueError(
+                raise DataError(
                     f"{path}: row {row} (sample {sid}) holds other tokens than this dataset's sample "
                     f"{sid}: the order file belongs to another dataset or tokenizer"
                 )

@@ -29,7 +29,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from ettin.data.collate import Collator, MaskSpec
 from ettin.data.dataset import SampleRules, TokenDataset
-from ettin.data.order import SKIP_FILE, DataOrder, build_order, rank_slice, skip_ranges
+from ettin.data.order import DataOrder, order_for_run, rank_slice
 from ettin.data.replay import check_fits, open_train_data
 from ettin.data.shards import DataError
 from ettin.objectives import num_loss_tokens, token_sets
@@ -277,8 +277,8 @@ def build_dataloader(
 
     The split `data_cfg.train_split` trains, any other evaluates. `seed` seeds the MLM masks
     (`data_cfg.shuffle_seed` seeds the order). `epoch_offset` shifts the mask epoch of
-    `data.order=streaming`. Training skips `data.skip_steps` and the ranges of
-    `<run_dir>/skip_steps.json` (`ettin.data.order.skip_ranges`). Token counts exclude padding;
+    `data.order=streaming`. Training follows `ettin.data.order.order_for_run`: it skips
+    `data.skip_steps` and the ranges of `<run_dir>/skip_steps.json`. Token counts exclude padding;
     the 'loss_generating' count feeds Composer's `accumulate_train_batch_on_tokens`.
     """
     from composer.core import DataSpec
@@ -335,15 +335,8 @@ def build_dataloader(
                 num_samples_in_batch=num_samples_in_batch,
                 get_num_tokens_in_batch=token_counter(objective),
             )
-        order = build_order(
-            len(base),
-            global_batch_size=global_batch_size,
-            seed=data_cfg.shuffle_seed,
-            max_seq_len=data_cfg.max_seq_len,
-            warmup_tokens=data_cfg.batch_size_warmup_tokens,
-            warmup_min=data_cfg.batch_size_warmup_min,
-            order_file=replay,
-            skip_steps=_skip_steps(data_cfg, run_dir),
+        order = order_for_run(
+            data_cfg, len(base), global_batch_size=global_batch_size, replay=replay, run_dir=run_dir
         )
         if replay is not None and replay.has_tokens:
             check_fits(replay, order.schedule, data_cfg.max_seq_len, rules.vocab_size)
@@ -372,20 +365,6 @@ def build_dataloader(
         get_num_samples_in_batch=num_samples_in_batch,
         get_num_tokens_in_batch=token_counter(objective),
     )
-
-
-def _skip_steps(data_cfg: Any, run_dir: str | Path | None):
-    """data.skip_steps + `<run_dir>/skip_steps.json`, read on rank 0 and sent to every rank."""
-    from composer.utils import dist
-
-    ranges = skip_ranges(getattr(data_cfg, "skip_steps", None) or (), run_dir)
-    if dist.get_world_size() > 1 and run_dir is not None:
-        box = [ranges]
-        dist.broadcast_object_list(box, src=0)
-        ranges = box[0]
-    if ranges:
-        log.info("skipping the order steps %s (data.skip_steps, %s)", ranges, SKIP_FILE)
-    return ranges
 
 
 def _check_rank_sizes(order: DataOrder, world_size: int, microbatch_size: int) -> None:

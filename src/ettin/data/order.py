@@ -17,11 +17,13 @@ reference packer). A sample counts as `max_seq_len` tokens for the schedule, so 
 without packing. An order file (`data.order_file`, `ettin.data.order_file`) replaces both the
 permutation and the schedule: step k is the rows of the file with the k-th step value.
 
-Skip ranges (`data.skip_steps`, plus `<run_dir>/skip_steps.json`) remove order steps: `[a, b]`
-drops the steps `a <= step < b` of the order (the `step` of `ettin order export`, or of the
-order file), and the run trains on the steps after them as if they did not exist, its own step
-counter (and so the LR schedule) going on. Inside an epoch the run's j-th step is the j-th
-kept step (`kept`), which is all the resume arithmetic needs (`step_at_sample`).
+Skip ranges (`ettin.data.skips`: `data.skip_steps` plus `<run_dir>/skip_steps.json`) remove
+order steps: `[a, b]` drops the steps `a <= step < b` of the order (the `step` of `ettin order
+export`, or of the order file), and the run trains on the steps after them as if they did not
+exist, its own step counter (and so the LR schedule) going on. Inside an epoch the run's j-th
+step is the j-th kept step (`kept`), which is all the resume arithmetic needs (`step_at_sample`).
+`order_for_run` is the order a run trains on (its config and its folder's skip file): training
+and `ettin order export` both build it, so the export lists what the run trains on.
 
 Everything here is a pure function of (N, seed, schedule, skips, epoch, step), so the order can
 be exported before a run, audited after it, and resumed exactly.
@@ -30,23 +32,22 @@ be exported before a run, audited after it, and resumed exactly.
 from __future__ import annotations
 
 import bisect
-import json
 import logging
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from ettin.config import ConfigError, token_count
 from ettin.data.order_file import Replay
 from ettin.data.shards import DataError
+from ettin.data.skips import SKIP_FILE, merge, run_skips
 
 log = logging.getLogger(__name__)
-
-SKIP_FILE = "skip_steps.json"
-"""Skip ranges a run folder may hold (written by a loss-spike rewind); merged with data.skip_steps."""
 
 
 # --------------------------------------------------------------------------- pure functions
@@ -70,77 +71,6 @@ def rank_slice(batch: np.ndarray, rank: int, world_size: int) -> np.ndarray:
     return batch[rank * n // world_size : (rank + 1) * n // world_size]
 
 
-def parse_tokens(value: str | int) -> int:
-    """'50_000_000_000tok' (a Composer time string in tokens) or an int -> number of tokens."""
-    if isinstance(value, int):
-        return value
-    from composer.core import Time, TimeUnit
-
-    try:
-        t = Time.from_timestring(str(value))
-    except ValueError as err:
-        raise ValueError(f"{value!r} is not a token count such as '50_000_000tok'") from err
-    if t.unit != TimeUnit.TOKEN:
-        raise ValueError(f"{value!r} must be in tokens (suffix 'tok'), not {t.unit.value}")
-    return int(t.value)
-
-
-# --------------------------------------------------------------------------- skip ranges
-
-
-def normalize_skips(
-    ranges: Iterable, where: str = "data.skip_steps"
-) -> tuple[tuple[int, int], ...]:
-    """`[[a, b], ...]` (steps a <= step < b) checked, sorted and merged where they overlap."""
-    out: list[list[int]] = []
-    for r in ranges or ():
-        try:
-            a, b = (int(x) for x in r)
-        except (TypeError, ValueError):
-            raise DataError(
-                f"{where}: {r!r} is not a range [first, end] of steps (end excluded)"
-            ) from None
-        if not 0 <= a < b:
-            raise DataError(
-                f"{where}: [{a}, {b}] is empty or negative; a range [a, b] skips the steps "
-                f"a <= step < b, so it needs 0 <= a < b"
-            )
-        out.append([a, b])
-    merged: list[list[int]] = []
-    for a, b in sorted(out):
-        if merged and a <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], b)
-        else:
-            merged.append([a, b])
-    return tuple((a, b) for a, b in merged)
-
-
-def read_skip_file(run_dir: str | Path) -> list:
-    """The ranges of `<run_dir>/skip_steps.json` (a list of [a, b], or {"skip_steps": [...]})."""
-    path = Path(run_dir) / SKIP_FILE
-    if not path.exists():
-        return []
-    try:
-        obj = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(
-            f"{path} is not JSON ({err}); it must hold a list of [a, b] ranges"
-        ) from err
-    ranges = obj.get("skip_steps", []) if isinstance(obj, dict) else obj
-    if not isinstance(ranges, list):
-        raise DataError(
-            f"{path} must hold a list of [a, b] step ranges, not {type(ranges).__name__}"
-        )
-    normalize_skips(ranges, where=str(path))
-    return ranges
-
-
-def skip_ranges(config_ranges: Iterable, run_dir: str | Path | None = None):
-    """data.skip_steps merged with the run folder's skip_steps.json (if any)."""
-    extra = read_skip_file(run_dir) if run_dir is not None else []
-    return normalize_skips([*(config_ranges or ()), *extra])
-
-
 # --------------------------------------------------------------------------- batch-size schedule
 
 
@@ -162,12 +92,12 @@ class BatchSchedule:
             raise ValueError(f"global batch size must be positive, got {self.full}")
         if self.warmup_samples > 0:
             if self.min_size <= 0:
-                raise ValueError(
+                raise ConfigError(
                     "data.batch_size_warmup_tokens is set but data.batch_size_warmup_min is 0; "
                     "set the smallest global batch (a divisor of global_train_batch_size)"
                 )
             if self.full % self.min_size:
-                raise ValueError(
+                raise ConfigError(
                     f"data.batch_size_warmup_min={self.min_size} must divide the global batch "
                     f"size {self.full}: warm-up sizes are multiples of it"
                 )
@@ -177,7 +107,7 @@ class BatchSchedule:
         cls, global_batch_size: int, *, warmup_tokens: str | int, warmup_min: int, max_seq_len: int
     ):
         """The schedule of `data.batch_size_warmup_*` for this global batch size."""
-        tokens = parse_tokens(warmup_tokens)
+        tokens = token_count(warmup_tokens, "data.batch_size_warmup_tokens")
         samples = math.ceil(tokens / max_seq_len) if tokens > 0 else 0
         if samples and warmup_min >= global_batch_size:
             samples = 0  # nothing to grow
@@ -199,7 +129,10 @@ class BatchSchedule:
             steps.append(size)
             seen += size
             if len(steps) > 50_000_000:
-                raise ValueError("batch-size warm-up longer than 50M steps; check its settings")
+                raise ConfigError(
+                    "batch-size warm-up longer than 50M steps: check data.batch_size_warmup_tokens "
+                    "and data.batch_size_warmup_min"
+                )
         out = np.asarray(steps, np.int64)
         return out, np.concatenate([[0], np.cumsum(out)]).astype(np.int64)
 
@@ -252,7 +185,7 @@ class DataOrder:
         self.schedule = schedule
         self.seed = seed
         self.replay = replay
-        self.skip_ranges = normalize_skips(skip)
+        self.skip_ranges = merge(skip)
         self._epoch_steps: list[int] = []  # steps of epochs 0, 1, ... (computed lazily)
         self._perm: tuple[int, np.ndarray] | None = None  # (epoch, permutation): one at a time
         self._kept: tuple[int, np.ndarray] | None = None  # (epoch, kept steps): one at a time
@@ -447,3 +380,35 @@ def build_order(
     if isinstance(order_file, str | Path):
         replay = Replay.open(order_file)
     return DataOrder(num_samples, schedule, seed, replay=replay or None, skip=skip_steps)
+
+
+def order_for_run(
+    data_cfg: Any,
+    num_samples: int,
+    *,
+    global_batch_size: int,
+    replay: Replay | None = None,
+    run_dir: str | Path | None = None,
+) -> DataOrder:
+    """The order a run trains on: its `data` config, less `data.skip_steps` and the ranges of
+    `<run_dir>/skip_steps.json` (`ettin.data.skips.run_skips`, read on rank 0 and sent to every
+    rank). Training (`ettin.data.loader`) and `ettin order export` both use it."""
+    from composer.utils import dist
+
+    skips = run_skips(data_cfg.skip_steps, run_dir)
+    if dist.get_world_size() > 1 and run_dir is not None:
+        box = [skips]
+        dist.broadcast_object_list(box, src=0)
+        skips = box[0]
+    if skips:
+        log.info("skipping the order steps %s (data.skip_steps, %s)", list(skips), SKIP_FILE)
+    return build_order(
+        num_samples,
+        global_batch_size=global_batch_size,
+        seed=data_cfg.shuffle_seed,
+        max_seq_len=data_cfg.max_seq_len,
+        warmup_tokens=data_cfg.batch_size_warmup_tokens,
+        warmup_min=data_cfg.batch_size_warmup_min,
+        order_file=replay,
+        skip_steps=skips,
+    )

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from ettin.errors import UserError
 from ettin.tokenizer import tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ PREFERRED_HASHES = ("xxh64", "xxh3_64", "sha1", "md5", "sha256")
 """Which of a shard's recorded hashes to check (the fastest available first)."""
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Prepared data that cannot be used as it is: says which file and what to do."""
 
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ettin.data.shards import DataError
+from ettin.errors import CheckpointError
 from ettin.eval.models import ScoringModel, masked_scores, next_token_scores
 
 PAIRS_PER_CALL = 1024
@@ -55,8 +57,9 @@ def _truncate(context: list[int], continuation: list[int], budget: int) -> list[
     """Drop context tokens from the left so that context + continuation fits `budget`."""
     room = budget - len(continuation)
     if room < 0:
-        raise ValueError(
-            f"a continuation of {len(continuation)} tokens exceeds the model's {budget}"
+        raise DataError(
+            f"a continuation of {len(continuation)} tokens exceeds the model's {budget}: the "
+            "task's answers must be shorter than the model's length"
         )
     return context[len(context) - room :] if len(context) > room else context
 
@@ -84,7 +87,10 @@ def continuation_logprobs(
                 continue
             ctx = _truncate(list(ctx), list(cont), model.max_length - len(start))
             if not start and not ctx:
-                raise ValueError("a decoder without a start token needs a non-empty context")
+                raise CheckpointError(
+                    f"{model.name}: a decoder without a start token ([CLS]/BOS) needs a "
+                    "non-empty context to score a continuation"
+                )
             ids = [*start, *ctx, *cont]
             rows.append((ids, list(range(len(ids) - len(cont), len(ids)))))
         scores = iter(next_token_scores(model, rows))

@@ -22,6 +22,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ettin.data.shards import DataError
+from ettin.errors import CheckpointError
 from ettin.eval.models import ScoringModel, TokenScores, masked_scores, next_token_scores
 
 MLM_RATE = 0.15
@@ -50,7 +52,10 @@ def mlm_scores(
     if model.kind == "encoder":
         return _summary(masked_scores(model, rows))
     if shift == 0 and any(0 in pos for pos in positions):
-        raise ValueError("a decoder without a start token cannot predict a chunk's first token")
+        raise CheckpointError(
+            f"{model.name}: a decoder without a start token ([CLS]/BOS) cannot predict a chunk's "
+            "first token; export it with its tokenizer's start token"
+        )
     return _summary(next_token_scores(model, rows))
 
 
@@ -137,7 +142,10 @@ def evaluate_intrinsic(
     streams = [tokenize_prefix(model, t, per_text * seq_len) for t in texts]
     chunks = chunk_tokens(streams, seq_len, num_chunks)
     if not chunks:
-        raise ValueError(f"no held-out text of at least {seq_len} tokens to score")
+        raise DataError(
+            f"no held-out text of at least {seq_len} tokens to score: give longer held-out "
+            "documents (or more of them)"
+        )
     gen = torch.Generator().manual_seed(seed)
     mlm_pos = [sample_positions(len(c), round(MLM_RATE * len(c)), gen) for c in chunks]
     # CLM targets skip position 0, the first text token, which only a start token precedes.

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ettin.errors import CheckpointError
+
 Kind = Literal["encoder", "decoder"]
 MODEL_TYPES: dict[str, Kind] = {"modernbert": "encoder", "modernbert-decoder": "decoder"}
 
@@ -58,7 +60,7 @@ def model_kind(source: str | Path) -> Kind:
     if path.is_dir():
         config_file = path / "config.json"
         if not config_file.is_file():
-            raise FileNotFoundError(
+            raise CheckpointError(
                 f"{path}: no config.json; expected an exported HF model directory"
             )
         model_type = json.loads(config_file.read_text()).get("model_type")
@@ -67,7 +69,7 @@ def model_kind(source: str | Path) -> Kind:
 
         model_type = AutoConfig.from_pretrained(str(source)).model_type
     if model_type not in MODEL_TYPES:
-        raise ValueError(
+        raise CheckpointError(
             f"{source}: model_type {model_type!r} is neither 'modernbert' (encoder) nor "
             "'modernbert-decoder' (decoder)"
         )
@@ -92,11 +94,11 @@ class EvalModel:
         self.start_ids = [start] if start is not None else []
         self.end_ids = [end] if end is not None else []
         if tokenizer.pad_token_id is None:
-            raise ValueError(f"{name}: the tokenizer has no pad token")
+            raise CheckpointError(f"{name}: the tokenizer has no pad token; set one and save it")
         self.pad_id: int = tokenizer.pad_token_id
         self.mask_id: int | None = tokenizer.mask_token_id
         if kind == "encoder" and self.mask_id is None:
-            raise ValueError(f"{name}: an encoder needs a tokenizer with a mask token")
+            raise CheckpointError(f"{name}: an encoder needs a tokenizer with a mask token")
         self.max_length = int(min(getattr(module.config, "max_position_embeddings", 8192), 8192))
         # The objectives of the run that made this model and of every run it started from,
         # oldest first, as `ettin export` records them ("cross" when both appear).
@@ -114,7 +116,7 @@ class EvalModel:
         kind = model_kind(source)
         tokenizer_files = ("tokenizer.json", "tokenizer_config.json")
         if Path(source).is_dir() and not any((Path(source) / f).is_file() for f in tokenizer_files):
-            raise FileNotFoundError(
+            raise CheckpointError(
                 f"{source}: no tokenizer files beside the model; export with a tokenizer "
                 "(`ettin export CHECKPOINT OUT --tokenizer DIR`) or save one into the folder"
             )

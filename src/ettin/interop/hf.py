@@ -31,6 +31,7 @@ from transformers import (
 )
 
 from ettin.checkpoint import load_state_dict_strict
+from ettin.errors import CheckpointError
 from ettin.model import EttinModel, ModelArgs
 
 __all__ = [
@@ -68,7 +69,7 @@ def _roles(tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
     bos = tokenizer.bos_token or tokenizer.cls_token
     eos = tokenizer.eos_token or tokenizer.sep_token
     if bos is None or eos is None:
-        raise ValueError(
+        raise CheckpointError(
             f"tokenizer {type(tokenizer).__name__} has no {'BOS/CLS' if bos is None else 'EOS/SEP'} "
             "token, so the export cannot say where a sequence starts and ends; set "
             "cls_token/sep_token (or bos_token/eos_token) on it, or use the Ettin tokenizer"
@@ -80,7 +81,7 @@ def _set_template(tokenizer: PreTrainedTokenizerBase, single: str, pair: str, to
     from tokenizers.processors import TemplateProcessing
 
     if not tokenizer.is_fast:
-        raise ValueError(
+        raise CheckpointError(
             f"tokenizer {type(tokenizer).__name__} is not a fast (Rust) tokenizer, so its special-"
             "token template cannot be set; load it with use_fast=True or use the Ettin tokenizer"
         )
@@ -122,7 +123,7 @@ def training_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenize
     """
     try:
         bos, eos = _roles(tokenizer)
-    except ValueError:  # not an Ettin-style tokenizer: nothing to restore
+    except CheckpointError:  # not an Ettin-style tokenizer: nothing to restore
         return tokenizer
     bos_id, eos_id = tokenizer.convert_tokens_to_ids(bos), tokenizer.convert_tokens_to_ids(eos)
     ids = tokenizer("a")["input_ids"]
@@ -136,13 +137,13 @@ def training_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenize
 def check_tokenizer(tokenizer: PreTrainedTokenizerBase, args: ModelArgs) -> None:
     """Refuse a tokenizer whose ids do not fit the model (too many tokens, another pad id)."""
     if len(tokenizer) > args.vocab_size:
-        raise ValueError(
+        raise CheckpointError(
             f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {args.vocab_size}: "
             f"ids >= {args.vocab_size} would index past the embedding. Build the model with "
             f"vocab_size >= {len(tokenizer)} or use the tokenizer it was trained with."
         )
     if args.pad_token_id is not None and tokenizer.pad_token_id != args.pad_token_id:
-        raise ValueError(
+        raise CheckpointError(
             f"tokenizer pad id {tokenizer.pad_token_id} differs from the model's pad_token_id "
             f"{args.pad_token_id}: this is not the tokenizer the model was built for"
         )
@@ -180,7 +181,7 @@ def _to_ettin_names(state: dict[str, Tensor]) -> dict[str, Tensor]:
             prefix = name.removesuffix("q_proj.weight")
             parts = [state.get(prefix + p + "_proj.weight") for p in "qkv"]
             if any(p is None for p in parts):
-                raise ValueError(f"{prefix}q_proj.weight has no matching k_proj/v_proj weight")
+                raise CheckpointError(f"{prefix}q_proj.weight has no matching k_proj/v_proj weight")
             out[prefix + "Wqkv.weight"] = torch.cat(parts, dim=0)  # (3H, H)
         elif name.endswith(("attn.k_proj.weight", "attn.v_proj.weight")):
             continue  # consumed with q_proj
@@ -332,7 +333,7 @@ def export_hf(
             "theta in every layer, so the exported model would compute different outputs"
         )
         if not allow_rope_mismatch:
-            raise ValueError(message + " (pass allow_rope_mismatch=True to export anyway)")
+            raise CheckpointError(message + " (pass allow_rope_mismatch=True to export anyway)")
         warnings.warn(message, stacklevel=2)
     config = hf_config(args, tokenizer, max_seq_len=max_seq_len, base=base_config)
     if objectives:
@@ -367,12 +368,12 @@ def _every_n(layer_types: list[str], preferred: int) -> int | None:
 def _args_from_hf(config: PretrainedConfig, raw: dict[str, Any], source: str) -> ModelArgs:
     """ModelArgs for an HF config; `raw` is config.json as written (HF re-derives sliding_window)."""
     if config.model_type not in ("modernbert", "modernbert-decoder"):
-        raise ValueError(
+        raise CheckpointError(
             f"{source}: model_type {config.model_type!r} is not modernbert or modernbert-decoder"
         )
     for field, value in FIXED_HF_FIELDS.items():
         if getattr(config, field) != value:
-            raise ValueError(
+            raise CheckpointError(
                 f"{source}: {field}={getattr(config, field)!r} is not supported (Ettin models use {value!r})"
             )
     causal = config.model_type == "modernbert-decoder"
@@ -384,7 +385,7 @@ def _args_from_hf(config: PretrainedConfig, raw: dict[str, Any], source: str) ->
     if causal:
         every_n = _every_n(list(config.layer_types), every_n)
         if every_n is None:
-            raise ValueError(
+            raise CheckpointError(
                 f"{source}: layer_types {config.layer_types} is not 'global iff layer % n == 0' for any n"
             )
         local_attention = raw.get("local_attention") or 2 * raw.get("sliding_window", 64)

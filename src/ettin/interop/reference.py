@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ettin.checkpoint import CheckpointFormat, register_format
+from ettin.checkpoint import CheckpointError, CheckpointFormat, register_format
 from ettin.model import ModelArgs
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ __all__ = [
     "OPTIMIZER_MAP",
     "REFERENCE_FORMAT",
     "ReferenceCheckpoint",
-    "ReferenceError",
+    "ReferenceFormatError",
     "ettin_name",
     "is_reference_state",
     "load_optimizer_state",
@@ -60,7 +60,7 @@ __all__ = [
 ]
 
 
-class ReferenceError(ValueError):
+class ReferenceFormatError(CheckpointError):
     """A reference checkpoint that cannot be converted as asked (the message says why)."""
 
 
@@ -90,7 +90,7 @@ def ettin_name(key: str) -> str:
     """Our state-dict name of a reference `state.model` key (`model.bert.…` -> `model.…`)."""
     name = key.replace("_orig_mod.", "")
     if not name.startswith("model."):
-        raise ReferenceError(
+        raise ReferenceFormatError(
             f"reference checkpoint tensor {key!r} lacks Composer's 'model.' prefix: this is not a "
             "Composer checkpoint of the reference FlexBert models"
         )
@@ -99,12 +99,12 @@ def ettin_name(key: str) -> str:
         if pattern.match(name):
             out = pattern.sub(target, name)
             if out == "model.layers.0.attn_norm.weight":
-                raise ReferenceError(
+                raise ReferenceFormatError(
                     f"reference checkpoint has {key!r}: layer 0 with its own attention norm "
                     "(skip_first_prenorm=false) is not the Ettin architecture"
                 )
             return out
-    raise ReferenceError(
+    raise ReferenceFormatError(
         f"unknown tensor {key!r} in the reference checkpoint: it has no place in the Ettin "
         "architecture (biases, position embeddings or another head are not part of it); "
         "only FlexBert prenorm/GLU/RoPE checkpoints of the Ettin configs can be imported"
@@ -127,7 +127,7 @@ def _flex_config(state: dict[str, Any], source: str) -> dict[str, Any]:
     model = _hf_integration(state).get("model") or {}
     config = (model.get("config") or {}).get("content")
     if not isinstance(config, dict):
-        raise ReferenceError(
+        raise ReferenceFormatError(
             f"{source}: no model config in state.integrations.huggingface.model.config.content "
             "(Composer's HuggingFaceModel metadata); the model's shape cannot be read"
         )
@@ -169,19 +169,21 @@ def reference_model_args(
     """
     for key, want in _FIXED_FLEX.items():
         if key in config and config[key] != want:
-            raise ReferenceError(
+            raise ReferenceFormatError(
                 f"{source}: FlexBertConfig {key}={config[key]!r} is not the Ettin architecture "
                 f"({key}={want!r}); this checkpoint cannot be represented"
             )
     norm = config.get("norm_kwargs") or {}
     if norm.get("bias", False):
-        raise ReferenceError(f"{source}: norm_kwargs.bias=true (Ettin LayerNorms have no bias)")
+        raise ReferenceFormatError(
+            f"{source}: norm_kwargs.bias=true (Ettin LayerNorms have no bias)"
+        )
     cfg_causal = config.get("causal_mask")
     if causal is None:
         causal = bool(cfg_causal)
     elif cfg_causal is not None and bool(cfg_causal) != causal:
         kind = "lm_head (a decoder)" if causal else "head (an encoder)"
-        raise ReferenceError(
+        raise ReferenceFormatError(
             f"{source}: the tensors name {kind} but the config says causal_mask={cfg_causal}; "
             "the checkpoint is inconsistent"
         )
@@ -191,14 +193,14 @@ def reference_model_args(
         if k not in config
     ]
     if missing:
-        raise ReferenceError(f"{source}: FlexBertConfig lacks {', '.join(missing)}")
+        raise ReferenceFormatError(f"{source}: FlexBertConfig lacks {', '.join(missing)}")
     window = config.get("sliding_window", -1)
     every_n = config.get("global_attn_every_n_layers", -1)
     window = -1 if window is None or window <= 0 else window
     every_n = -1 if every_n is None or every_n <= 0 else every_n
     if window > 0 and every_n <= 0:
         # FlexBert: global_attn_every_n_layers <= 0 with a window makes *every* layer local
-        raise ReferenceError(
+        raise ReferenceFormatError(
             f"{source}: FlexBertConfig global_attn_every_n_layers="
             f"{config.get('global_attn_every_n_layers')} with sliding_window={window} makes every "
             f"layer local (window {window}), which the Ettin architecture cannot represent: layer "
@@ -207,7 +209,7 @@ def reference_model_args(
             f"imported as it was trained"
         )
     if window <= 0 and every_n > 0:
-        raise ReferenceError(
+        raise ReferenceFormatError(
             f"{source}: FlexBertConfig global_attn_every_n_layers={every_n} needs a sliding_window "
             f"(it has {config.get('sliding_window')}); FlexBert itself refuses this config"
         )
@@ -235,7 +237,7 @@ def reference_model_args(
             init_cutoff_factor=float(config.get("init_cutoff_factor", 2.0) or 2.0),
         )
     except ValueError as err:
-        raise ReferenceError(f"{source}: {err}") from None
+        raise ReferenceFormatError(f"{source}: {err}") from None
 
 
 @dataclass
@@ -277,16 +279,16 @@ def _load(path: str | os.PathLike) -> dict[str, Any]:
     except FileNotFoundError:
         raise
     except Exception as err:
-        raise ReferenceError(f"cannot read checkpoint {path}: {err}") from err
+        raise ReferenceFormatError(f"cannot read checkpoint {path}: {err}") from err
     if not (isinstance(payload, dict) and isinstance(payload.get("state"), dict)):
-        raise ReferenceError(f"{path} is not a Composer checkpoint (no 'state')")
+        raise ReferenceFormatError(f"{path} is not a Composer checkpoint (no 'state')")
     return payload
 
 
 def _weights(state: dict[str, Any], source: str) -> tuple[dict[str, Tensor], bool]:
     model = state.get("model")
     if not isinstance(model, dict) or not model:
-        raise ReferenceError(f"{source}: no model weights in state.model")
+        raise ReferenceFormatError(f"{source}: no model weights in state.model")
     out: dict[str, Tensor] = {}
     heads = set()
     for key, tensor in model.items():
@@ -295,12 +297,12 @@ def _weights(state: dict[str, Any], source: str) -> tuple[dict[str, Tensor], boo
         if bare.startswith(("head.", "lm_head.")):
             heads.add(bare.split(".")[0])
         if name in out:
-            raise ReferenceError(f"{source}: two tensors map to {name!r} (one is {key!r})")
+            raise ReferenceFormatError(f"{source}: two tensors map to {name!r} (one is {key!r})")
         out[name] = tensor
     if heads == {"head", "lm_head"}:
-        raise ReferenceError(f"{source}: holds both head.* and lm_head.*; which model is it?")
+        raise ReferenceFormatError(f"{source}: holds both head.* and lm_head.*; which model is it?")
     if not heads:
-        raise ReferenceError(
+        raise ReferenceFormatError(
             f"{source}: no prediction head (model.head.* for an encoder, model.lm_head.* for a "
             "decoder); only the MaskedLM/CausalLM checkpoints can be imported"
         )
@@ -346,12 +348,14 @@ def _optimizer(
     if not optimizers:
         return {}, {}, [], []
     if len(optimizers) != 1:
-        raise ReferenceError(
+        raise ReferenceFormatError(
             f"{source}: {len(optimizers)} optimizers ({', '.join(optimizers)}); expected one StableAdamW"
         )
     ((opt_name, opt),) = optimizers.items()
     if "adam" not in opt_name.lower():
-        raise ReferenceError(f"{source}: optimizer {opt_name} is not StableAdamW; cannot map it")
+        raise ReferenceFormatError(
+            f"{source}: optimizer {opt_name} is not StableAdamW; cannot map it"
+        )
     per_param = opt.get("state") or {}
     groups = opt.get("param_groups") or []
     order = _flex_param_order(state["model"])
@@ -364,7 +368,7 @@ def _optimizer(
         flat = [p for g in groups for p in g.get("params", [])]
         by_group = [[k for k, nd in order if nd], [k for k, nd in order if not nd]]
         if len(groups) != 2 or [len(g["params"]) for g in groups] != [len(x) for x in by_group]:
-            raise ReferenceError(
+            raise ReferenceFormatError(
                 f"{source}: optimizer groups hold {[len(g.get('params', [])) for g in groups]} "
                 f"parameters, expected {[len(x) for x in by_group]} (no-decay, decay) for this model"
             )
@@ -380,22 +384,24 @@ def _optimizer(
     for key, entry in per_param.items():
         ref_key = names_of_int.get(key, key) if isinstance(key, int) else key
         if not isinstance(ref_key, str):
-            raise ReferenceError(f"{source}: optimizer state for unknown parameter id {key!r}")
+            raise ReferenceFormatError(
+                f"{source}: optimizer state for unknown parameter id {key!r}"
+            )
         name = ettin_name(ref_key)
         extra = set(entry) - set(OPTIMIZER_MAP)
         if extra:
-            raise ReferenceError(
+            raise ReferenceFormatError(
                 f"{source}: optimizer state of {ref_key!r} has {sorted(extra)}, which StableAdamW "
                 "here does not keep; cannot carry it"
             )
         if "exp_avg" not in entry or "exp_avg_sq" not in entry:
-            raise ReferenceError(
+            raise ReferenceFormatError(
                 f"{source}: optimizer state of {ref_key!r} lacks exp_avg/exp_avg_sq"
             )
         target = weights.get(name)
         for m in ("exp_avg", "exp_avg_sq"):
             if target is not None and tuple(entry[m].shape) != tuple(target.shape):
-                raise ReferenceError(
+                raise ReferenceFormatError(
                     f"{source}: optimizer {m} of {ref_key!r} has shape {tuple(entry[m].shape)}, "
                     f"the parameter {tuple(target.shape)}"
                 )
@@ -415,7 +421,9 @@ def _optimizer(
         if step is None and name in group_of:
             step = groups[group_of[name]].get("step")
         if step is None:
-            raise ReferenceError(f"{source}: no step counter for {ref_key!r} (param or group)")
+            raise ReferenceFormatError(
+                f"{source}: no step counter for {ref_key!r} (param or group)"
+            )
         steps[name] = int(step.item() if isinstance(step, Tensor) else step)
     meta = [  # hyper-parameters, and our names of the group's params (checked against ours)
         {
@@ -444,7 +452,7 @@ def load_optimizer_state(optimizer, model, ref: ReferenceCheckpoint) -> int:
         names = [by_param[id(p)] for p in group["params"]]
         missing = [n for n in names if n not in ref.moments]
         if missing:
-            raise ReferenceError(
+            raise ReferenceFormatError(
                 f"{ref.source}: no optimizer state for {missing[:5]}; resume weights only with "
                 f"init_from={ref.source} instead"
             )
@@ -453,7 +461,7 @@ def load_optimizer_state(optimizer, model, ref: ReferenceCheckpoint) -> int:
             theirs = set(theirs_group.get("_ettin_params", names))
             moved = sorted(set(names) - theirs)
             if moved:
-                raise ReferenceError(
+                raise ReferenceFormatError(
                     f"{ref.source}: {moved[:3]} are in another weight-decay group in the reference "
                     "optimizer than in ours; the parameter groups differ"
                 )
@@ -464,7 +472,7 @@ def load_optimizer_state(optimizer, model, ref: ReferenceCheckpoint) -> int:
                         said.append(f"group {gi} {key} {a} (ours {b}, from the run config)")
         steps = {ref.steps[n] for n in names}
         if len(steps) != 1:
-            raise ReferenceError(
+            raise ReferenceFormatError(
                 f"{ref.source}: the parameters of group {gi} have different step counters "
                 f"{sorted(steps)}; StableAdamW here keeps one per group"
             )
@@ -497,7 +505,7 @@ def read_reference(path: str | os.PathLike, *, payload: dict | None = None) -> R
     payload = payload if payload is not None else _load(path)
     state = payload["state"]
     if not is_reference_state(state):
-        raise ReferenceError(
+        raise ReferenceFormatError(
             f"{source}: state.model has no 'model.bert.*' tensors: not a reference FlexBert checkpoint"
         )
     weights, causal = _weights(state, source)

@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ettin.errors import CheckpointError, UsageError
+
 log = logging.getLogger(__name__)
 
 INDEX = "revisions.json"
@@ -117,7 +119,7 @@ def export_all(
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     checkpoints = _checkpoints(run_dir)
     if not checkpoints:
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"no complete checkpoint in {run_dir / 'checkpoints'}: train the run first "
             "(or point at a run folder, not its checkpoints/ folder)"
         )
@@ -142,7 +144,7 @@ def export_all(
         )
         old = index.get(name)
         if old and old.get("run") != run:
-            raise ValueError(
+            raise UsageError(
                 f"{out_dir}: revision {name} already comes from run {old['run']}, not {run}; "
                 "export each model (encoder, decoder, cross) into its own folder"
             )
@@ -189,7 +191,7 @@ def export_recipe(
             export_all(run_dir, Path(out_dir) / model, tokenizer=tokenizer)
         )
     if not out:
-        raise FileNotFoundError(f"no stage of {recipe} has a checkpoint under its run folder")
+        raise CheckpointError(f"no stage of {recipe} has a checkpoint under its run folder")
     return out
 
 
@@ -236,16 +238,14 @@ def publish(
     out_dir = Path(out_dir)
     index = read_index(out_dir)
     if not index:
-        raise FileNotFoundError(
+        raise UsageError(
             f"{out_dir / INDEX} not found: run `ettin export --all RUN_DIR {out_dir}` first"
         )
     missing = [r for r in index if not (out_dir / r / "config.json").is_file()]
     if missing:
-        raise FileNotFoundError(
-            f"{out_dir}: revisions {missing[:5]} listed in {INDEX} are not there"
-        )
+        raise UsageError(f"{out_dir}: revisions {missing[:5]} listed in {INDEX} are not there")
     if main is not None and main not in index:
-        raise ValueError(f"--main {main} is not one of the revisions in {out_dir / INDEX}")
+        raise UsageError(f"--main {main} is not one of the revisions in {out_dir / INDEX}")
     if api is None:
         from huggingface_hub import HfApi
 
@@ -303,14 +303,14 @@ def split_revision(source: str, revision: str | None = None) -> tuple[str, str |
     else:
         repo, _, rev = source.rpartition("@")
         if not repo or not rev:
-            raise ValueError(
+            raise UsageError(
                 f"{source!r}: write REPO@REVISION (a tag or branch), e.g. "
                 "jhu-clsp/ettin-encoder-17m@step0"
             )
         if revision is not None and revision != rev:
-            raise ValueError(f"{source!r} names revision {rev!r} but --revision says {revision!r}")
+            raise UsageError(f"{source!r} names revision {rev!r} but --revision says {revision!r}")
     if rev is not None and Path(repo).is_dir():
-        raise ValueError(
+        raise UsageError(
             f"{repo} is a local folder: transformers ignores a revision ({rev}) for local folders "
             f"and would load what is checked out; run `git -C {repo} checkout {rev}` and import "
             "the folder without @"

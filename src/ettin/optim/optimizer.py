@@ -164,8 +164,6 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> StableAdamW:
     optimi 0.3 deprecates); a per-tensor loop on CPU. The choice is explicit because optimi's own
     default picks Triton for a group whose parameters all lack gradients, which fails on CPU.
     """
-    if len(cfg.betas) != 2:
-        raise ValueError(f"optim.betas must have two values, got {cfg.betas}")
     return StableAdamW(
         param_groups(model, cfg.weight_decay),
         lr=cfg.peak_lr,  # lr x lr_scale (half in the decay and cross phases)

@@ -20,7 +20,7 @@ from typing import Any
 
 from composer.core import Time, TimeUnit
 
-from ettin.config import SchedulerConfig, scheduler_time
+from ettin.config import SchedulerConfig, run_time
 
 
 class WarmupStableDecay:
@@ -35,8 +35,8 @@ class WarmupStableDecay:
     """
 
     def __init__(self, cfg: SchedulerConfig) -> None:
-        self.t_warmup = scheduler_time(cfg.t_warmup, "scheduler.t_warmup")
-        self.t_decay = scheduler_time(cfg.t_decay, "scheduler.t_decay")
+        self.t_warmup = run_time(cfg.t_warmup, "scheduler.t_warmup")
+        self.t_decay = run_time(cfg.t_decay, "scheduler.t_decay")
         self.alpha_f = cfg.alpha_f
         self.decay_shape = cfg.decay_shape
 
