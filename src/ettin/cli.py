@@ -55,15 +55,14 @@ def cmd_sizes(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from ettin.checkpoint import load_checkpoint
-    from ettin.interop import export_hf
+    from ettin.interop import export_hf, load_any_checkpoint
 
     if args.all or args.recipe:
         _export_all(args)
         return
     if not args.out_dir:
         raise ValueError("ettin export CHECKPOINT OUT_DIR: OUT_DIR is missing")
-    model, info = load_checkpoint(args.checkpoint)
+    model, info = load_any_checkpoint(args.checkpoint)  # ours or the reference's
     tokenizer = args.tokenizer or info.tokenizer.get("path")
     out = export_hf(
         model,

@@ -18,7 +18,6 @@ from ettin.checkpoint import (
     RunInfo,
     load_weights,
     prepare_resume,
-    read_checkpoint,
     state_digest,
 )
 from ettin.config import ConfigError, RunConfig, load_config, to_yaml
@@ -66,9 +65,9 @@ def init_from_checkpoint(model, path: str) -> CheckpointInfo:
             f"init_from={path} does not exist: run the previous stage first "
             "(or `ettin recipe` to run the chain), or point init_from at its checkpoint"
         )
-    import ettin.interop  # noqa: F401  (registers the reference format with read_checkpoint)
+    from ettin.interop.formats import read_any_checkpoint  # ours, or the reference's
 
-    state, info = read_checkpoint(path)
+    state, info = read_any_checkpoint(path)
     load_weights(model, state, source=path)
     if info.model_args.causal != model.args.causal:
         log.info(

@@ -112,8 +112,8 @@ def export_all(
     An existing `revisions.json` in `out_dir` is merged (a recipe chain's phases share one
     model folder); a revision already exported with the same weights digest is not rewritten.
     """
-    from ettin.checkpoint import load_weights, read_checkpoint, state_digest
-    from ettin.interop import export_hf
+    from ettin.checkpoint import load_weights, state_digest
+    from ettin.interop import export_hf, read_any_checkpoint
     from ettin.model import EttinModel
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -128,7 +128,7 @@ def export_all(
     done: list[Revision] = []
     for batch, path in checkpoints:
         name = f"{PREFIX[phase]}{batch}"
-        state, info = read_checkpoint(path)
+        state, info = read_any_checkpoint(path)  # a reference run's too
         digest = state_digest(state)
         stamp = _timestamp(path)
         rev = Revision(
