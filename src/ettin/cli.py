@@ -81,13 +81,15 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def _export_all(args: argparse.Namespace) -> None:
     """`ettin export --all RUN_DIR OUT` / `--all --recipe R --runs-root D OUT`: every checkpoint."""
-    from ettin.interop.revisions import INDEX, export_all, export_recipe
+    from ettin.interop.revisions import INDEX, export_all, export_runs
 
     if args.recipe:  # the positionals are then just OUT (given as `checkpoint`)
+        from ettin.recipe import plan
+
         out = args.out_dir or args.checkpoint
-        models = export_recipe(
-            args.recipe, out, runs_root=args.runs_root, overrides=args.set, tokenizer=args.tokenizer
-        )
+        stages = plan(args.recipe, args.set, args.runs_root)
+        runs = [(st.cfg.run_name, Path(st.cfg.run_dir)) for st in stages]
+        models = export_runs(runs, out, tokenizer=args.tokenizer)
         for model, revs in models.items():
             print(f"{model}: {len(revs)} revisions -> {Path(out) / model} ({INDEX})")
         return
