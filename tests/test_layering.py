@@ -242,3 +242,21 @@ def test_importing_a_room_loads_no_room_above_it(module, forbidden):
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.split()
     assert loaded == [], f"import {module} loaded {loaded}"
+
+
+def test_the_gpu_harness_sits_on_top():
+    """`src/ettin_gpu/` (make gpu-check) imports ettin; nothing in ettin imports or runs it."""
+    users = []
+    for name, (path, _) in module_files().items():
+        tree = ast.parse(path.read_text(), str(path))
+        imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        imported += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        prose = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr)}  # docstrings
+        strings = [
+            n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and id(n) not in prose
+        ]
+        named = [s for s in strings if isinstance(s, str) and re.search(r"\bettin_gpu\b", s)]
+        if any(m.split(".")[0] == "ettin_gpu" for m in imported) or named:
+            users.append(name)
+    assert users == [], f"{users} use the GPU harness: it must stay above the library"
+    assert (SRC / "ettin_gpu" / "__main__.py").is_file()  # `python -m ettin_gpu`
