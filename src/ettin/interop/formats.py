@@ -14,6 +14,7 @@ import os
 import torch
 
 from ettin.checkpoint import (
+    CheckpointError,
     CheckpointInfo,
     checkpoint_info,
     ettin_weights,
@@ -34,10 +35,15 @@ def read_any_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor
     `latest-rank0.pt`, newest complete checkpoint or only `*.pt` file) and loaded once.
     """
     path, payload = load_payload(path)
-    if is_foreign(payload) and is_reference_state(payload["state"]):
+    if not is_foreign(payload):
+        return ettin_weights(payload, str(path))
+    if is_reference_state(payload["state"]):
         state, meta = reference_weights(payload, str(path))
         return state, checkpoint_info(meta)
-    return ettin_weights(payload, str(path))  # a foreign checkpoint of another kind: its error
+    raise CheckpointError(
+        f"{path} is a Composer checkpoint that neither ettin's trainer (no RunInfo metadata) nor "
+        "the reference training (no model.bert.* weights) wrote; ettin cannot read its weights"
+    )
 
 
 def load_any_checkpoint(path: str | os.PathLike) -> tuple[EttinModel, CheckpointInfo]:
