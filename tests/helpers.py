@@ -18,32 +18,64 @@ import numpy as np
 from ettin.prep.pipeline import MDS_COLUMNS as COLUMNS
 from ettin.prep.pipeline import SHARD_HASHES
 
+BERT_SPECIALS = ("[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]")
+"""The special tokens of the test tokenizers, each with its role (`unk_token`, `cls_token`, ...)."""
+
+
+def word_tokenizer(
+    words: Iterable[str],
+    specials: Sequence[str] = BERT_SPECIALS,
+    *,
+    specials_first: bool = False,
+    unused: int = 0,
+    lowercase: bool = False,
+    split_punctuation: bool = True,
+    mark_special: bool = False,
+    template: bool = True,
+    pair: bool = False,
+) -> Any:
+    """A WordLevel fast tokenizer: `words` (ids in their order) and `specials` (after the words, as
+    in the Ettin tokenizer, so that hard-coded ids fail; or first), then `unused` added tokens
+    `[unusedN]`. Each of `specials` gets its role; `split_punctuation` pre-tokenizes with
+    `Whitespace` (else `WhitespaceSplit`), `mark_special` also adds the specials to the backend
+    as special tokens, `template` wraps texts as `[CLS] $A [SEP]` (`pair`: and pairs)."""
+    from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = list(words)
+    order = [*specials, *words] if specials_first else [*words, *specials]
+    vocab = {t: i for i, t in enumerate(order)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    if lowercase:
+        tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = (
+        pre_tokenizers.Whitespace() if split_punctuation else pre_tokenizers.WhitespaceSplit()
+    )
+    if mark_special:
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    if unused:
+        tok.add_tokens([f"[unused{i}]" for i in range(unused)])
+    if template:
+        cls_id, sep_id = vocab["[CLS]"], vocab["[SEP]"]
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B [SEP]" if pair else None,
+            special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+        )
+    roles = {
+        role: name
+        for role, name in zip(
+            ("unk_token", "cls_token", "sep_token", "pad_token", "mask_token"), BERT_SPECIALS
+        )
+        if name in specials
+    }
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **roles)
+
 
 def tiny_tokenizer(num_words: int = 60, num_unused: int = 3) -> Any:
     """A WordLevel fast tokenizer: w0..w{n-1}, then [UNK] [CLS] [SEP] [PAD] [MASK], then [unusedN]."""
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"w{i}": i for i in range(num_words)}
-    specials = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"]
-    for j, name in enumerate(specials):
-        vocab[name] = num_words + j
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-    tok.add_tokens([f"[unused{i}]" for i in range(num_unused)])
-    cls_id, sep_id = vocab["[CLS]"], vocab["[SEP]"]
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        pad_token="[PAD]",
-        mask_token="[MASK]",
-    )
+    words = [f"w{i}" for i in range(num_words)]
+    return word_tokenizer(words, unused=num_unused, split_punctuation=False, mark_special=True)
 
 
 def random_samples(
@@ -195,26 +227,73 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+TINY_RUN = Path(__file__).resolve().parents[1] / "yamls/tiny/encoder.yaml"
+"""The tiny run file the run tests train with (on a `write_world` folder)."""
+
+
+def tiny_overrides(
+    world: Path, run: str, *extra: str, objective: str | None = "mlm", dropout: float | None = 0.0
+) -> list[str]:
+    """The overrides that put a tiny run file on a `write_world` folder: 48-token samples, the run
+    in `world/runs/<run>`, `objective` (None: the run file's), no dropout (None: the run file's,
+    the suite's 0.1); `extra` go last (of a key given twice, the last wins)."""
+    return [
+        *([] if objective is None else [f"objective={objective}"]),
+        f"tokenizer={world / 'tokenizer'}",
+        f"data_root={world / 'data'}",
+        f"run_dir={world / 'runs' / run}",
+        f"run_name={run}",
+        "data.max_seq_len=48",
+        *([] if dropout is None else [f"model.attn_out_dropout={dropout}"]),
+        "logging.console_interval=100ba",
+        *extra,
+    ]
+
+
 def tiny_config(world: Path, run: str, objective: str, *extra: str) -> Any:
-    """The tiny run file (yamls/tiny/encoder.yaml) on a `write_world` folder: 48-token samples,
-    no dropout, the run in `world/runs/<run>`; `extra` overrides go last."""
+    """The tiny run file (yamls/tiny/encoder.yaml) with `tiny_overrides`."""
     from ettin.config import load_config
 
-    repo = Path(__file__).resolve().parents[1]
-    return load_config(
-        repo / "yamls/tiny/encoder.yaml",
-        [
-            f"objective={objective}",
-            f"tokenizer={world / 'tokenizer'}",
-            f"data_root={world / 'data'}",
-            f"run_dir={world / 'runs' / run}",
-            f"run_name={run}",
-            "data.max_seq_len=48",
-            "model.attn_out_dropout=0.0",
-            "logging.console_interval=100ba",
-            *extra,
-        ],
-    )
+    return load_config(TINY_RUN, tiny_overrides(world, run, *extra, objective=objective))
+
+
+def stop_at(batch: int, *, kill: bool = False, message: str = "simulated preemption") -> Any:
+    """A Composer callback that ends training at the end of batch `batch`: a KeyboardInterrupt (an
+    in-process preemption), or with `kill` a SIGKILL of rank 0's own process (a real crash)."""
+    import os
+    import signal
+
+    from composer.core import Callback
+    from composer.utils import dist
+
+    class StopAt(Callback):
+        def batch_end(self, state: Any, logger: Any) -> None:
+            if state.timestamp.batch.value != batch:
+                return
+            if not kill:
+                raise KeyboardInterrupt(message)
+            if dist.get_global_rank() == 0:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    return StopAt()
+
+
+def interrupted_fit(cfg: Any, batch: int, message: str = "simulated preemption") -> None:
+    """Train `cfg` in-process and stop at the end of batch `batch` (`stop_at`): the checkpoints
+    before it stay, as after a preemption; the trainer is closed and collected."""
+    import gc
+
+    import pytest
+
+    from ettin.train import build_trainer
+
+    trainer = build_trainer(cfg)
+    trainer.state.callbacks.append(stop_at(batch, message=message))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    trainer.close()
+    del trainer
+    gc.collect()
 
 
 # ---------------------------------------------------------------- published artefacts, mocked
@@ -271,31 +350,49 @@ def write_order_tree(
 
 
 def write_reference_phase(
-    root: str | Path, splits: dict[str, dict[str, Sequence[np.ndarray]]], size_limit: int = 2048
+    root: str | Path,
+    splits: dict[str, dict[str, Sequence[np.ndarray]]],
+    size_limit: int = 2048,
+    *,
+    hashes: Sequence[str] = ("sha1", "xxh64"),
+    chunks: int = 0,
 ) -> Path:
     """A phase as the published Ettin phases hold it: per split, one folder per source written by
     the reference's `MDSWriter(columns={'input_ids': 'ndarray:uint32', 'id': 'str'},
-    compression='zstd')`, merged into `<split>/index.json` with Streaming's `merge_index` (as the
-    reference's create_final_dataset_index.py does); no meta.json. Shard basenames in the merged
-    index are `<source>/shard.NNNNN.mds(.zstd)`."""
+    compression='zstd')` (zstd only: the writer removes the raw shards), merged into
+    `<split>/index.json` with Streaming's `merge_index` (as the reference's
+    create_final_dataset_index.py does); no meta.json. Shard basenames in the merged index are
+    `<source>/shard.NNNNN.mds(.zstd)`. `hashes=()` is the reference writer's own default (index.json
+    records `hashes: {}`); `chunks=k` splits each source into `<source>/chunk_<i>/` folders merged
+    level by level (each with its own index.json, as the reference's make_recursive_root.py does),
+    so basenames are `<source>/chunk_<i>/shard.NNNNN.mds(.zstd)`."""
     from streaming import MDSWriter
     from streaming.base.util import merge_index
+
+    def write(out: Path, samples: Sequence[np.ndarray], name: str) -> None:
+        with MDSWriter(
+            out=str(out),
+            columns={"input_ids": "ndarray:uint32", "id": "str"},
+            compression="zstd",
+            hashes=list(hashes) or None,
+            size_limit=size_limit,
+        ) as w:
+            for i, ids in enumerate(samples):
+                w.write({"input_ids": np.asarray(ids, np.uint32), "id": f"{name}-{i}"})
+
+    def merge(folder: Path) -> None:
+        merge_index([str(p) for p in sorted(folder.glob("*/index.json"))], str(folder))
 
     root = Path(root)
     for split, sources in splits.items():
         for source, samples in sources.items():
-            with MDSWriter(
-                out=str(root / split / source),
-                columns={"input_ids": "ndarray:uint32", "id": "str"},
-                compression="zstd",
-                hashes=["sha1", "xxh64"],
-                size_limit=size_limit,
-            ) as w:
-                for i, ids in enumerate(samples):
-                    w.write({"input_ids": np.asarray(ids, np.uint32), "id": f"{source}-{i}"})
-        merge_index(
-            [str(p) for p in sorted((root / split).glob("*/index.json"))], str(root / split)
-        )
+            if not chunks:
+                write(root / split / source, samples, source)
+                continue
+            for c in range(chunks):
+                write(root / split / source / f"chunk_{c}", samples[c::chunks], f"{source}-{c}")
+            merge(root / split / source)
+        merge(root / split)
     return root
 
 

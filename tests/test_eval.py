@@ -17,13 +17,12 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from helpers import word_tokenizer
 from transformers import (
     ModernBertConfig,
     ModernBertDecoderConfig,
     ModernBertDecoderForCausalLM,
     ModernBertForMaskedLM,
-    PreTrainedTokenizerFast,
 )
 
 from ettin.eval.bias import PRONOUNS, TEMPLATES, build_bias_items, evaluate_bias, preferred_pronouns
@@ -331,26 +330,6 @@ def test_offline_tasks_are_deterministic_and_disjoint(corpus):
 # --------------------------------------------------------------------------- real HF models
 
 
-def make_tokenizer(words) -> PreTrainedTokenizerFast:
-    vocab = {t: i for i, t in enumerate([*SPECIALS, *sorted(set(words))])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B [SEP]",
-        special_tokens=[("[CLS]", CLS), ("[SEP]", SEP)],
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        pad_token="[PAD]",
-        mask_token="[MASK]",
-    )
-
-
 @pytest.fixture(scope="module")
 def hf_models(tmp_path_factory):
     """A tiny random encoder and decoder exported as HF directories, with a word tokenizer."""
@@ -358,7 +337,13 @@ def hf_models(tmp_path_factory):
         " ".join(t for t, _, _ in TEMPLATES).replace(",", " ").replace(".", " ").split()
     )
     words = [*NOUNS, *VERBS, *ADJS, *BIAS_WORDS, *template_words, "the", "of", "our", "."]
-    tokenizer = make_tokenizer(w.lower() for w in words if "{" not in w)
+    tokenizer = word_tokenizer(
+        sorted({w.lower() for w in words if "{" not in w}),
+        SPECIALS,
+        specials_first=True,
+        lowercase=True,
+        pair=True,
+    )
     common = dict(
         vocab_size=len(tokenizer) + 3,
         hidden_size=32,

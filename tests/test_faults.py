@@ -19,13 +19,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import WORDS, counting_samples, free_port, losses, metric_rows, write_world
+from helpers import (
+    WORDS,
+    counting_samples,
+    free_port,
+    interrupted_fit,
+    losses,
+    metric_rows,
+    tiny_overrides,
+    write_world,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 COMPOSER = str(Path(sys.executable).with_name("composer"))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 ENV.pop("ETTIN_DEBUG", None)
+# the killer script imports `helpers` (its `stop_at`) from this folder
+ENV["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "tests"), ENV.get("PYTHONPATH")) if p)
 
 # Runs ettin's training entry after arranging its own SIGKILL (no hooks in the library):
 #   ETTIN_TEST_KILL=batch:K  kill -9 at the end of batch K (rank 0), after the checkpoints before it
@@ -37,17 +48,12 @@ import torch
 mode, at = os.environ["ETTIN_TEST_KILL"].split(":")
 at = int(at)
 if mode == "batch":
-    from composer.core import Callback
-    from composer.utils import dist
     import ettin.train as entry
+    from helpers import stop_at
     build = entry.build_trainer
-    class Kill(Callback):
-        def batch_end(self, state, logger):
-            if state.timestamp.batch.value == at and dist.get_global_rank() == 0:
-                os.kill(os.getpid(), signal.SIGKILL)
     def build_trainer(cfg):
         trainer = build(cfg)
-        trainer.state.callbacks.append(Kill())
+        trainer.state.callbacks.append(stop_at(at, kill=True))
         return trainer
     entry.build_trainer = build_trainer
 else:
@@ -80,17 +86,9 @@ def world(tmp_path_factory):
 
 
 def _overrides(world: Path, run: str, objective: str, *extra: str) -> list[str]:
-    return [
-        f"objective={objective}",
-        f"tokenizer={world / 'tokenizer'}",
-        f"data_root={world / 'data'}",
-        f"run_dir={world / 'runs' / run}",
-        f"run_name={run}",
-        "data.max_seq_len=48",
-        "callbacks.export_hf=false",
-        "logging.console_interval=1000ba",
-        *extra,
-    ]
+    """The tiny run with the suite's dropout (0.1), no export."""
+    quiet = ("callbacks.export_hf=false", "logging.console_interval=1000ba")
+    return tiny_overrides(world, run, *quiet, *extra, objective=objective, dropout=None)
 
 
 def _cmd(world: Path, script: str, overrides: list[str], ranks: int = 1) -> list[str]:
@@ -302,24 +300,12 @@ def test_interrupted_run_resumes_with_dropout_and_logs_each_step_once(
 ):
     """In-process: stop after step 8 (checkpoint at 6), rerun; dropout 0.1 stays exact and
     metrics.jsonl keeps one copy of every row."""
-    from composer.core import Callback
-
-    from ettin.train import build_trainer, train
+    from ettin.train import train
 
     straight, _ = straight_mlm
     cfg = _train_cfg(world, "interrupted", "max_duration=12ba", "save_interval=6ba")
     assert cfg.model.attn_out_dropout == 0.1
-
-    class Stop(Callback):
-        def batch_end(self, state, logger):
-            if state.timestamp.batch.value == 8:
-                raise KeyboardInterrupt("simulated preemption")
-
-    trainer = build_trainer(cfg)
-    trainer.state.callbacks.append(Stop())
-    with pytest.raises(KeyboardInterrupt):
-        trainer.fit()
-    trainer.close()
+    interrupted_fit(cfg, 8)
     torch.manual_seed(1234)  # whatever the process did before, the rerun must not depend on it
     train(cfg)
     _assert_same_run(straight, Path(cfg.run_dir), 12)
@@ -444,15 +430,120 @@ def test_corrupted_sample_met_during_training_blames_the_shard(tmp_path, tok, mo
         assert "made with another tokenizer" not in msg, msg
 
 
-def test_verify_passes_on_intact_prep_output(tmp_path, tok, capsys):
+def test_verify_passes_on_intact_prep_output_and_fails_on_one_flipped_byte(tmp_path, tok, capsys):
+    """A real `ettin prep` (a tiny mixture of text files, the tiny tokenizer), then `ettin data
+    verify`: OK, every shard's content hash checked; one byte flipped in one shard fails it."""
+    import yaml
+
     from ettin.cli import main
 
-    root = _phase(tmp_path / "p", tok, 300, size_limit=2048)
-    main(["data", "verify", str(root), "--quiet"])
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(12):
+        (docs / f"doc{i:02d}.txt").write_text(
+            " ".join(f"w{(7 * i + j) % WORDS}" for j in range(150))
+        )
+    tok.save_pretrained(tmp_path / "tok")
+    mixture = {
+        "tokenizer": str(tmp_path / "tok"),
+        "shard_size": "2kb",
+        "sources": {"docs": {"path": str(docs), "format": "text"}},
+        "phases": {
+            "p": {"context_length": 64, "val_fraction": 0.25, "seed": 0, "mix": {"docs": {}}}
+        },
+    }
+    (tmp_path / "mix.yaml").write_text(yaml.safe_dump(mixture))
+    main(["prep", str(tmp_path / "mix.yaml"), "--out", str(tmp_path / "out"), "--quiet"])
+    phase = tmp_path / "out" / "p"
+    capsys.readouterr()
+    indexes = [json.loads((phase / s / "index.json").read_text()) for s in ("train", "val")]
+    n = sum(len(i["shards"]) for i in indexes)
+    assert n >= 4 and len(indexes[0]["shards"]) >= 2  # several shards, in both splits
+    main(["data", "verify", str(phase), "--quiet"])
     out = capsys.readouterr().out
-    assert out.startswith("OK: ") and "splits under" in out
-    index = json.loads((root / "train" / "index.json").read_text())
-    assert all(set(s["raw_data"]["hashes"]) == {"sha1", "xxh64"} for s in index["shards"])
+    assert out.startswith(f"OK: {n} shards in 2 splits under {phase}"), out
+    assert f"{n} match their recorded content hashes" in out and "no content hash" not in out
+
+    shard = phase / "train" / indexes[0]["shards"][1]["raw_data"]["basename"]
+    data = bytearray(shard.read_bytes())
+    data[len(data) - 3] ^= 0x01  # one bit of one token id: sizes and headers stay right
+    shard.write_bytes(bytes(data))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", "verify", str(phase), "--quiet"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 1
+    assert f"CORRUPT: shard file {shard} is corrupted" in out and f"1 of {n} shards" in out
+
+
+def _reference_tree(root: Path, tok, **kwargs) -> Path:
+    """A phase as the reference's writer leaves it: zstd-only shards, `train/<source>/<chunk>/`
+    (two levels, each with its own index.json) merged into the split's index.json."""
+    from helpers import write_reference_phase
+
+    train = {"dclm": counting_samples(tok, 90, 1), "books": counting_samples(tok, 60, 2)}
+    val = {"dclm": counting_samples(tok, 20, 3)}
+    return write_reference_phase(root, {"train": train, "validation": val}, chunks=2, **kwargs)
+
+
+def test_verify_reference_written_data_says_what_it_checked(tmp_path, tok, capsys):
+    """The reference writer's data: no hashes (`hashes: {}`), zstd only (no raw `.mds`), nested
+    per source and per chunk. Verify passes on it intact, counts 2 splits, and says that it
+    checked sizes and headers (no hashes to check) of the decompressed compressed files; a
+    truncated compressed shard, or one whose decompressed header disagrees with index.json, fails
+    by name."""
+    from ettin.cli import main
+
+    phase = _reference_tree(tmp_path / "p", tok, hashes=())
+    index = json.loads((phase / "train" / "index.json").read_text())
+    assert {s["raw_data"]["basename"].count("/") for s in index["shards"]} == {2}
+    assert (phase / "train" / "dclm" / "index.json").is_file()
+    assert (phase / "train" / "dclm" / "chunk_1" / "index.json").is_file()
+    assert all(not s["raw_data"]["hashes"] and not s["zip_data"]["hashes"] for s in index["shards"])
+    assert not list(phase.rglob("*.mds"))
+    n = sum(
+        len(json.loads((phase / s / "index.json").read_text())["shards"])
+        for s in ("train", "validation")
+    )
+    main(["data", "verify", str(phase), "--quiet"])
+    out = capsys.readouterr().out
+    assert out.startswith(f"OK: {n} shards in 2 splits under {phase}"), out
+    assert f"{n} have no content hash in index.json" in out and f"{n} are only compressed" in out
+    main(["data", "verify", str(phase / "train"), "--quiet"])
+    assert f"OK: {len(index['shards'])} shards in 1 split under" in capsys.readouterr().out
+
+    first = phase / "train" / index["shards"][0]["zip_data"]["basename"]
+    first.write_bytes(first.read_bytes()[:-5])
+    second = index["shards"][1]
+    claimed = second["samples"] + 1  # index.json no longer fits the decompressed header
+    second["samples"] = claimed
+    (phase / "train" / "index.json").write_text(json.dumps(index))
+    with pytest.raises(SystemExit):
+        main(["data", "verify", str(phase), "--quiet"])
+    out = capsys.readouterr().out
+    assert f"compressed shard file {first} has" in out and "truncated" in out
+    name = Path(second["zip_data"]["basename"]).name
+    assert f"holds {claimed} samples, but the shard file's own header says {claimed - 1}" in out
+    assert f"shard {name} holds" in out and f"2 of {n} shards in 2 splits" in out
+
+
+def test_verify_checks_the_hashes_of_compressed_only_shards(tmp_path, tok, capsys):
+    """Compressed-only shards whose index.json records hashes: a flipped byte of the `.zstd`
+    file is found by its hash (no decompression can be trusted to notice it)."""
+    from ettin.cli import main
+
+    phase = _reference_tree(tmp_path / "p", tok, hashes=("sha1", "xxh64"))
+    n = sum(
+        len(json.loads((phase / s / "index.json").read_text())["shards"])
+        for s in ("train", "validation")
+    )
+    main(["data", "verify", str(phase), "--quiet"])
+    out = capsys.readouterr().out
+    assert f"{n} match their recorded content hashes" in out and f"{n} are only compressed" in out
+    zipped = sorted((phase / "train" / "books").rglob("*.zstd"))[0]
+    _flip_middle(zipped)
+    with pytest.raises(SystemExit):
+        main(["data", "verify", str(phase), "--quiet"])
+    assert f"CORRUPT: shard file {zipped} is corrupted" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("claimed", [1000, 1100])

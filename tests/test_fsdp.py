@@ -19,14 +19,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import WORDS, free_port, losses, metric_rows, write_world
+from helpers import WORDS, free_port, losses, metric_rows, tiny_overrides, write_world
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5
 COMMON = (
-    "data.max_seq_len=48",
-    "model.attn_out_dropout=0.0",
-    "logging.console_interval=100ba",
     "callbacks.export_hf=false",
     "eval_interval=100ba",
     "max_duration=10ba",
@@ -41,14 +38,8 @@ def world(tmp_path_factory):
 
 
 def _overrides(world: Path, run: str, *extra: str) -> list[str]:
-    return [
-        f"tokenizer={world / 'tokenizer'}",
-        f"data_root={world / 'data'}",
-        f"run_dir={world / 'runs' / run}",
-        f"run_name={run}",
-        *COMMON,
-        *extra,
-    ]
+    """The tiny run (its objective from the run file: yamls/tiny/{encoder,decoder}.yaml)."""
+    return tiny_overrides(world, run, *COMMON, *extra, objective=None)
 
 
 def _launch(world: Path, run: str, yaml: str, *extra: str, launcher: tuple = ("-n", "2")):

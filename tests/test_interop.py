@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from helpers import word_tokenizer
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
@@ -57,14 +57,11 @@ def padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randint(1, VOCAB, (len(LENGTHS), S), generator=g) * mask, mask
 
 
-def word_tokenizer(num_words: int = 20) -> PreTrainedTokenizerFast:
-    """A tiny in-memory word-level tokenizer with BERT-style special tokens ([PAD] = 0)."""
+def bert_tokenizer(num_words: int = 20) -> PreTrainedTokenizerFast:
+    """A tiny word-level tokenizer with BERT-style special tokens first ([PAD] = 0), no template."""
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    vocab = {tok: i for i, tok in enumerate(specials + [f"w{i}" for i in range(num_words)])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    names = dict(pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]")
-    return PreTrainedTokenizerFast(tokenizer_object=backend, mask_token="[MASK]", **names)
+    words = [f"w{i}" for i in range(num_words)]
+    return word_tokenizer(words, specials, specials_first=True, template=False)
 
 
 class Records(logging.Handler):
@@ -84,7 +81,7 @@ def exports(tmp_path_factory) -> dict[bool, tuple[EttinModel, object]]:
         model = tiny_model(causal)
         out[causal] = (
             model,
-            export_hf(model, tmp_path_factory.mktemp("hf"), tokenizer=word_tokenizer()),
+            export_hf(model, tmp_path_factory.mktemp("hf"), tokenizer=bert_tokenizer()),
         )
     return out
 
@@ -254,7 +251,7 @@ def test_decoder_export_refuses_local_theta_mismatch(tmp_path):
 
 
 def test_check_tokenizer_refuses_mismatches():
-    tokenizer = word_tokenizer()  # 25 tokens, [PAD] = 0
+    tokenizer = bert_tokenizer()  # 25 tokens, [PAD] = 0
     check_tokenizer(tokenizer, model_args("test", vocab_size=32, pad_token_id=0))
     with pytest.raises(
         ValueError, match="tokenizer has 25 tokens but the model's vocab_size is 16"
@@ -347,7 +344,7 @@ def test_import_restores_the_training_template(exports):
 
 
 def test_export_records_the_trained_length(tmp_path):
-    export_hf(tiny_model(causal=True), tmp_path, tokenizer=word_tokenizer(), max_seq_len=96)
+    export_hf(tiny_model(causal=True), tmp_path, tokenizer=bert_tokenizer(), max_seq_len=96)
     assert json.loads((tmp_path / "config.json").read_text())["max_position_embeddings"] == 96
     assert AutoTokenizer.from_pretrained(tmp_path).model_max_length == 96
 
@@ -373,7 +370,7 @@ def test_foreign_model_keeps_its_config_through_import_and_export(tmp_path):
         sep_token_id=3,
     )
     ModernBertForMaskedLM(config).save_pretrained(tmp_path / "foreign")
-    word_tokenizer().save_pretrained(tmp_path / "foreign")
+    bert_tokenizer().save_pretrained(tmp_path / "foreign")
     main(["import", str(tmp_path / "foreign"), str(tmp_path / "start.pt")])
     main(["export", str(tmp_path / "start.pt"), str(tmp_path / "back")])
     before = json.loads((tmp_path / "foreign" / "config.json").read_text())

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 import zstandard
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer
 
 from ettin.errors import PrepError
 from ettin.prep.chunking import ChunkRules, chunk_document, chunk_spans
@@ -536,13 +536,10 @@ def test_prep_bad_inputs(tmp_path, speeches, tokenizer_dir):
     with pytest.raises(PrepError, match=r"bad\.yaml: no phase 'shrt' \(did you mean 'short'\?\)"):
         run(mixture, phases=["shrt"])
 
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from helpers import word_tokenizer
 
-    raw = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]").save_pretrained(
-        tmp_path / "nocls"
-    )
+    nocls = word_tokenizer(["a"], ["[UNK]"], specials_first=True, template=False)
+    nocls.save_pretrained(tmp_path / "nocls")
     with pytest.raises(PrepError, match=r"tokenizer '.*nocls': the tokenizer has no CLS token"):
         run(mixture, tokenizer=str(tmp_path / "nocls"))
     assert not (tmp_path / "out" / "short").exists()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import losses, tiny_config
+from helpers import TINY_RUN, losses, tiny_config, tiny_overrides
 
 from ettin.interop.reference import (
     ReferenceError,
@@ -94,10 +94,35 @@ def flex_names(causal: bool) -> list[tuple[str, tuple[int, ...]]]:
     return names
 
 
+def composer_tokenizer_state(tokenizer) -> dict:
+    """`state.integrations.huggingface.tokenizer` as Composer's `HuggingFaceModel` stores it
+    (`get_metadata` of a model built with `tokenizer`, as the reference's `create_flex_bert_*`
+    builds it): each file of `save_pretrained` by name, `.json` parsed, `.txt` as lines."""
+    from composer.models import HuggingFaceModel
+    from transformers import BertConfig, BertForMaskedLM
+
+    hf = BertForMaskedLM(
+        BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=8,
+        )
+    )
+    return HuggingFaceModel(hf, tokenizer=tokenizer).get_metadata()["tokenizer"]
+
+
 def reference_payload(
-    causal: bool, *, seed: int = 0, optimizer: str = "names", step: int = 7
+    causal: bool,
+    *,
+    seed: int = 0,
+    optimizer: str = "names",
+    step: int = 7,
+    tokenizer_state: dict | None = None,
 ) -> dict:
-    """A reference Composer checkpoint with random weights and moments."""
+    """A reference Composer checkpoint with random weights and moments (and the tokenizer files
+    of `tokenizer_state`, `composer_tokenizer_state`; none by default)."""
     g = torch.Generator().manual_seed(seed)
     model = {}
     for name, shape in flex_names(causal):
@@ -157,7 +182,7 @@ def reference_payload(
                             "class": "src.bert_layers.model.FlexBertForMaskedLM",
                         }
                     },
-                    "tokenizer": {},
+                    "tokenizer": tokenizer_state or {},
                 }
             },
         },
@@ -357,6 +382,70 @@ def test_reading_a_reference_checkpoint_is_a_visible_import(tmp_path):
     assert lines["after the formats were imported"] == alone
 
 
+@pytest.fixture(scope="module")
+def ref_tokenizer():
+    """The tiny tokenizer (68 ids, under the mock's vocab of 72) and its Composer metadata."""
+    from helpers import tiny_tokenizer
+
+    tok = tiny_tokenizer(num_words=60)
+    return tok, composer_tokenizer_state(tok)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_export_of_a_reference_checkpoint_carries_its_tokenizer(
+    tmp_path, monkeypatch, ref_tokenizer, causal
+):
+    """`ettin export REF.pt OUT` writes the tokenizer the checkpoint carries, and config.json
+    takes its special ids (the pad id of the model too): `AutoTokenizer.from_pretrained(OUT)`."""
+    import json
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ettin.cli import main
+
+    monkeypatch.setenv("ETTIN_CACHE", str(tmp_path / "cache"))
+    tok, files = ref_tokenizer
+    torch.save(reference_payload(causal, tokenizer_state=files), tmp_path / "ref.pt")
+    main(["export", str(tmp_path / "ref.pt"), str(tmp_path / "out")])
+    got = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert got.get_vocab() == tok.get_vocab()
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    ids = {
+        "pad_token_id": tok.pad_token_id,
+        "cls_token_id": tok.cls_token_id,
+        "sep_token_id": tok.sep_token_id,
+        "bos_token_id": tok.cls_token_id,
+        "eos_token_id": tok.sep_token_id,
+    }
+    assert {k: config[k] for k in ids} == ids
+    assert AutoConfig.from_pretrained(tmp_path / "out").pad_token_id == tok.pad_token_id == 63
+    enc = got("w1 w2")["input_ids"]
+    assert enc[0] == tok.cls_token_id  # the objective's template: [CLS] w1 w2 [SEP] | [CLS] w1 w2
+    assert enc[-1] == (tok.convert_tokens_to_ids("w2") if causal else tok.sep_token_id)
+    # the checkpoint is read the same way by init_from= (its folder and fingerprint)
+    from ettin.interop import read_any_checkpoint
+
+    _, info = read_any_checkpoint(tmp_path / "ref.pt")
+    assert info.tokenizer["mask_token_id"] == tok.mask_token_id
+    assert info.model_args.pad_token_id == tok.pad_token_id
+    assert Path(info.tokenizer["path"]).parent == tmp_path / "cache" / "tokenizers"
+
+
+def test_every_layer_local_reference_config_is_refused_by_name():
+    """FlexBert makes every layer local when global_attn_every_n_layers <= 0 and a window is set;
+    ours cannot (layer 0 is always global, as in HF's ModernBERT): refused, never imported as
+    every layer global. Without a window every layer is global, which is imported."""
+    for every_n in (0, -1):
+        with pytest.raises(ReferenceError, match=r"every\s+layer local \(window 128\)"):
+            reference_model_args(flex_config(False, global_attn_every_n_layers=every_n))
+    with pytest.raises(ReferenceError, match="needs a sliding_window"):
+        reference_model_args(flex_config(False, sliding_window=-1))
+    every = reference_model_args(
+        flex_config(True, sliding_window=-1, global_attn_every_n_layers=-1)
+    )
+    assert all(every.is_global(i) for i in range(every.num_layers))
+
+
 def _to_reference(ours: dict, causal: bool) -> dict:
     """Our Composer checkpoint rewritten in the reference's layout (the inverse mapping)."""
 
@@ -428,17 +517,9 @@ def test_resume_into_continues_the_reference_run_exactly(world, tmp_path, object
             "--resume-into",
             resumed.run_dir,
             "--config",
-            str(Path(__file__).parents[1] / "yamls/tiny/encoder.yaml"),
+            str(TINY_RUN),
             "--set",
-            *[
-                f"objective={objective}",
-                f"tokenizer={world / 'tokenizer'}",
-                f"data_root={world / 'data'}",
-                f"run_name={resumed.run_name}",
-                "data.max_seq_len=48",
-                "model.attn_out_dropout=0.0",
-                *common,
-            ],
+            *tiny_overrides(world, resumed.run_name, *common, objective=objective),
         ]
     )
     latest = Path(resumed.run_dir) / "checkpoints/latest-rank0.pt"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import WORDS, counting_samples, losses
+from helpers import WORDS, counting_samples, interrupted_fit, losses, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "ettin-test"
@@ -87,18 +87,7 @@ def world(tmp_path_factory, s3):
 
 
 def _overrides(world: Path, run: str, *extra: str) -> list[str]:
-    return [
-        "objective=mlm",
-        f"tokenizer={world / 'tokenizer'}",
-        f"data_root={world / 'data'}",
-        f"run_dir={world / 'runs' / run}",
-        f"run_name={run}",
-        "data.max_seq_len=48",
-        "model.attn_out_dropout=0.0",
-        "callbacks.export_hf=false",
-        "logging.console_interval=100ba",
-        *extra,
-    ]
+    return tiny_overrides(world, run, "callbacks.export_hf=false", *extra)
 
 
 def _cfg(world: Path, run: str, *extra: str):
@@ -440,20 +429,9 @@ def test_streaming_order_stays_in_its_cache_limit_and_resumes_exactly(world):
     gc.collect()
     assert 0 < peak[0] <= limit, (peak[0], limit, len(peak[-1]), peak[-1][-4:])
 
-    class Kill(Callback):
-        def batch_end(self, state, logger):
-            if state.timestamp.batch.value == 7:
-                raise KeyboardInterrupt("simulated preemption")
-
     cache_b = world / "stream-b"
     cfg = _cfg(world, "stream-killed", *common(cache_b))
-    trainer = build_trainer(cfg)
-    trainer.state.callbacks.append(Kill())
-    with pytest.raises(KeyboardInterrupt):
-        trainer.fit()
-    trainer.close()
-    del trainer
-    gc.collect()
+    interrupted_fit(cfg, 7)
     train(cfg)  # autoresume from step 5, Streaming's state restored by Composer
     straight, resumed = (
         losses(world / "runs/stream-straight"),
@@ -607,3 +585,49 @@ def test_subfolder_zstd_phase_trains_via_local_cache_and_validation_is_found(
     assert remote.split == "validation" and len(remote) == 40
     assert (tmp_path / "c2" / "validation" / "dclm").is_dir()
     assert not list((tmp_path / "c2").rglob("*.zstd"))
+
+
+# --------------------------------------------------------------------------- file:// URLs
+
+
+def test_file_urls_name_local_folders(tmp_path):
+    """`data.path=file:///abs` and `data.order_file=file:///abs` (percent-escapes decoded) are
+    the local folders they name, not the relative `file:/abs` that `Path` makes of them."""
+    from helpers import tiny_tokenizer, write_order_tree, write_phase
+
+    from ettin.config import load_config
+    from ettin.data.dataset import SampleRules, TokenDataset
+    from ettin.data.replay import open_train_data
+
+    tok = tiny_tokenizer(num_words=WORDS)
+    base = tmp_path / "my data"  # the space is %20 in the URL
+    tok.save_pretrained(base / "tokenizer")
+    phase = write_phase(base / "pretrain", tok, {"train": counting_samples(tok, 40, 0)})
+    assert "%20" in phase.as_uri() and phase.as_uri().startswith("file:///")
+    rules = SampleRules.from_tokenizer(tok, max_seq_len=48, encoder=True)
+    ds = TokenDataset(phase.as_uri(), "train", rules, tokenizer=tok)
+    assert ds.root == phase and len(ds) == 40
+
+    rows = write_order_tree(base / "order", tok, {"checkpoint_000000": 3}, batch=2)
+    cfg = load_config(
+        ROOT / "yamls/tiny/encoder.yaml",
+        [
+            f"tokenizer={base / 'tokenizer'}",
+            f"data.path={phase.as_uri()}",
+            f"data.order_file={(base / 'order').as_uri()}",
+            f"run_dir={tmp_path / 'run'}",
+        ],
+    )
+    data, replay = open_train_data(cfg.data, rules, tok)
+    assert replay.num_steps == 3 and replay.has_tokens and len(data) == 6
+    assert replay.parts[0].is_relative_to(base / "order")
+    assert [data.raw(i).tolist() for i in range(6)] == rows["checkpoint_000000"]
+    cfg.data.order_file = None  # the shards themselves, through the config's file:// path
+    shards, _ = open_train_data(cfg.data, rules, tok)
+    assert shards.root == phase and len(shards) == 40
+
+    from ettin.data.shards import DataError, local_path
+
+    assert local_path("file://localhost/x/y") == "/x/y" and local_path("s3://b/x") == "s3://b/x"
+    with pytest.raises(DataError, match="host 'elsewhere'"):
+        local_path("file://elsewhere/x")

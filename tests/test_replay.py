@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from helpers import losses, random_samples, tiny_tokenizer, write_phase
+from helpers import interrupted_fit, losses, random_samples, tiny_tokenizer, write_phase
 
 from ettin.config import DataConfig, ObjectiveConfig, load_config
 from ettin.data import build_dataloader, read_order, write_order
@@ -152,24 +152,14 @@ def test_published_order_trains_exactly_its_batches(world, tok, objective):
 def test_resume_mid_file_is_exact(world):
     """Killed at step 7, resumed from the step-5 checkpoint: the same losses and recorded order
     as an uninterrupted run over the file."""
-    from composer.core import Callback
 
-    from ettin.train import build_trainer, train
+    from ettin.train import train
 
     common = ("max_duration=10ba", "save_interval=5ba")
     train(_cfg(world, "file-straight", "mlm", *common))
 
-    class Kill(Callback):
-        def batch_end(self, state, logger):
-            if state.timestamp.batch.value == 7:
-                raise KeyboardInterrupt("simulated preemption")
-
     cfg = _cfg(world, "file-killed", "mlm", *common)
-    trainer = build_trainer(cfg)
-    trainer.state.callbacks.append(Kill())
-    with pytest.raises(KeyboardInterrupt):
-        trainer.fit()
-    trainer.close()
+    interrupted_fit(cfg, 7)
     train(cfg)
     straight, resumed = losses(world / "runs/file-straight"), losses(world / "runs/file-killed")
     assert sorted(resumed) == list(range(10))
@@ -340,24 +330,14 @@ def test_rewind_with_skip_file_resumes_like_a_run_that_skipped(world):
     """A run killed at step 7 whose run folder then gets skip_steps.json [[5, 8]] resumes from
     its step-5 checkpoint on order step 8: the same losses and recorded order as a run with
     data.skip_steps=[[5,8]] from the start. The recorder shows the skip."""
-    from composer.core import Callback
 
-    from ettin.train import build_trainer, train
+    from ettin.train import train
 
     common = ("max_duration=9ba", "save_interval=5ba")
     train(_cfg(world, "skip-straight", "clm", *common, "data.skip_steps=[[5,8]]"))
 
-    class Kill(Callback):
-        def batch_end(self, state, logger):
-            if state.timestamp.batch.value == 7:
-                raise KeyboardInterrupt("loss spike: rewind")
-
     cfg = _cfg(world, "skip-rewind", "clm", *common)
-    trainer = build_trainer(cfg)
-    trainer.state.callbacks.append(Kill())
-    with pytest.raises(KeyboardInterrupt):
-        trainer.fit()
-    trainer.close()
+    interrupted_fit(cfg, 7, "loss spike: rewind")
     (Path(cfg.run_dir) / SKIP_FILE).write_text(json.dumps([[5, 8]]))
     train(cfg)
     straight, rewound = losses(world / "runs/skip-straight"), losses(world / "runs/skip-rewind")

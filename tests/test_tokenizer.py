@@ -120,14 +120,13 @@ def test_fingerprint_tells_tokenizers_apart(tok, trained_dir):
 
 
 def test_tokenizer_without_cls_is_refused():
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from helpers import word_tokenizer
 
-    raw = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    nocls = word_tokenizer(["a"], ["[UNK]"], specials_first=True, template=False)
     with pytest.raises(PrepError, match="no CLS token"):
-        special_ids(PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]"))
+        special_ids(nocls)
     no_template = PreTrainedTokenizerFast(
-        tokenizer_object=raw, unk_token="[UNK]", cls_token="a", sep_token="a"
+        tokenizer_object=nocls.backend_tokenizer, unk_token="[UNK]", cls_token="a", sep_token="a"
     )
     with pytest.raises(PrepError, match=r"\[CLS\] \$A \[SEP\]"):
         special_ids(no_template)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import losses, tiny_config
+from helpers import interrupted_fit, losses, tiny_config, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,24 +92,13 @@ def test_microbatching_equals_one_big_batch(world):
 
 
 def test_resume_after_kill_reproduces_losses(world):
-    from composer.core import Callback
-
-    from ettin.train import build_trainer, train
+    from ettin.train import train
 
     common = ("max_duration=10ba", "save_interval=5ba", "callbacks.export_hf=false")
     train(tiny_config(world, "straight", "mlm", *common))
 
-    class Kill(Callback):
-        def batch_end(self, state, logger):
-            if state.timestamp.batch.value == 7:
-                raise KeyboardInterrupt("simulated preemption")
-
     cfg = tiny_config(world, "killed", "mlm", *common)
-    trainer = build_trainer(cfg)
-    trainer.state.callbacks.append(Kill())
-    with pytest.raises(KeyboardInterrupt):
-        trainer.fit()
-    trainer.close()
+    interrupted_fit(cfg, 7)
     assert not (Path(cfg.run_dir) / "DONE").exists()
     train(cfg)  # autoresume from the step-5 checkpoint
     straight, resumed = losses(world / "runs/straight"), losses(world / "runs/killed")
@@ -123,17 +112,7 @@ def test_two_ranks_match_one(world):
 
     extra = ("max_duration=6ba", "callbacks.export_hf=false", "eval_interval=100ba")
     train(tiny_config(world, "one-rank", "mlm", *extra))
-    cfg = tiny_config(world, "two-ranks", "mlm", *extra)
-    overrides = [
-        f"objective={cfg.objective.name}",
-        f"tokenizer={cfg.tokenizer}",
-        f"data_root={cfg.data_root}",
-        f"run_dir={cfg.run_dir}",
-        "run_name=two-ranks",
-        "data.max_seq_len=48",
-        "model.attn_out_dropout=0.0",
-        *extra,
-    ]
+    overrides = tiny_overrides(world, "two-ranks", *extra)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "composer.cli.launcher", "-n", "2", "-m", "ettin.train"]
     cmd += [str(ROOT / "yamls/tiny/encoder.yaml"), *overrides]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 from composer.core import Callback, State
@@ -28,8 +27,8 @@ def ettin_model(state: State) -> nn.Module:
 class HFExport(Callback):
     """At `Event.FIT_END`, rank 0 writes the model with `ettin.interop.export_hf` to `out_dir`.
 
-    Under FSDP every rank gathers the full parameters (rank 0 keeps them) before the export; the
-    other ranks wait at a barrier until rank 0 is done.
+    Under FSDP (FSDP2, the only FSDP path) every rank gathers the full parameters (rank 0 keeps
+    them) before the export; the other ranks wait at a barrier until rank 0 is done.
     """
 
     def __init__(
@@ -48,37 +47,26 @@ class HFExport(Callback):
         del logger
         from torch.distributed.fsdp import FSDPModule
 
-        if any(isinstance(m, FSDPModule) for m in state.model.modules()):
-            self._export_fsdp2(state)
-            return
-        gather = contextlib.nullcontext()
-        if state.fsdp_enabled:
-            from torch.distributed.fsdp import FullyShardedDataParallel
-
-            gather = FullyShardedDataParallel.summon_full_params(
-                state.model, writeback=False, rank0_only=True, offload_to_cpu=True
-            )
-        with gather:
-            if dist.get_global_rank() == 0:
-                from ettin.interop import export_hf
-
-                export_hf(
-                    ettin_model(state), self.out_dir, tokenizer=self.tokenizer_dir, **self.options
-                )
-        dist.barrier()
-
-    def _export_fsdp2(self, state: State) -> None:
-        """FSDP2: all ranks gather the full state dict (to rank 0's CPU); rank 0 exports a copy."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from ettin.interop import export_hf
 
         model = ettin_model(state)
+        if any(isinstance(m, FSDPModule) for m in model.modules()):
+            model = self._gathered(model)
+        if dist.get_global_rank() == 0:
+            export_hf(model, self.out_dir, tokenizer=self.tokenizer_dir, **self.options)
+        dist.barrier()
+
+    @staticmethod
+    def _gathered(model: nn.Module) -> nn.Module:
+        """FSDP2: all ranks gather the full state dict (to rank 0's CPU); rank 0 gets a plain copy."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from ettin.model import EttinModel
+
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         full = get_model_state_dict(model, options=options)
-        if dist.get_global_rank() == 0:
-            from ettin.interop import export_hf
-            from ettin.model import EttinModel
-
-            plain = EttinModel(model.args)
-            plain.load_state_dict(full)
-            export_hf(plain, self.out_dir, tokenizer=self.tokenizer_dir, **self.options)
-        dist.barrier()
+        if dist.get_global_rank() != 0:
+            return model
+        plain = EttinModel(model.args)
+        plain.load_state_dict(full)
+        return plain

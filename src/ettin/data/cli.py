@@ -169,63 +169,47 @@ def cmd_audit(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
-def _split_dirs(root):
-    """Every MDS split (a folder with index.json) at or under `root`, skipping temp folders and
-    the per-source subfolders of a merged split (their index.json is part of the split's)."""
-    if (root / "index.json").is_file():
-        return [root]
-    found = sorted(
-        p.parent
-        for p in root.rglob("index.json")
-        if not any(part.startswith(".") for part in p.relative_to(root).parts)
-    )
-    return [d for d in found if not any(o in d.parents for o in found)]
-
-
 def cmd_verify(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from tqdm.auto import tqdm
 
-    from ettin.data.shards import DataError, read_index, verify_split
+    from ettin.data.shards import DataError, read_index, split_dirs, verified, verify_split
 
     root = Path(args.dir)
     if not root.is_dir():
         raise DataError(
             f"{root} is not a folder; give a prepared phase (or its parent, or a split)"
         )
-    splits = _split_dirs(root)
+    splits = split_dirs(root)
     if not splits:
         raise DataError(f"no MDS split (index.json) under {root}; prepare it with `ettin prep`")
     indexes = {split: read_index(split) for split in splits}
     total = sum(int(s["raw_data"].get("bytes", 0)) for i in indexes.values() for s in i["shards"])
-    shards = sum(len(i["shards"]) for i in indexes.values())
-    problems: list[str] = []
     with tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=args.quiet) as bar:
-        for split in splits:
-            problems += verify_split(split, progress=bar.update)
+        checks = [verify_split(split, progress=bar.update) for split in splits]
+    problems = [line for check in checks for line in check.problems]
     if problems:
         for line in problems:
             print(f"CORRUPT: {line}" if "is corrupted" in line else f"PROBLEM: {line}")
+        shards = sum(check.shards for check in checks)
         print(f"{len(problems)} of {shards} shards in {len(splits)} splits under {root} failed")
         raise SystemExit(1)
-    print(
-        f"OK: {shards} shards in {len(splits)} splits under {root} match their hashes ({total:,} bytes)"
-    )
+    print(f"OK: {verified(checks, root)}")
 
 
 def cmd_decompress(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from ettin.data.remote import decompress_split
-    from ettin.data.shards import DataError
+    from ettin.data.shards import DataError, split_dirs
 
     root = Path(args.dir)
     if not root.is_dir():
         raise DataError(
             f"{root} is not a folder; give a split (or a phase, or the folder of several)"
         )
-    splits = _split_dirs(root)
+    splits = split_dirs(root)
     if not splits:
         raise DataError(f"no MDS split (index.json) under {root}")
     done = kept = 0

@@ -41,6 +41,7 @@ from ettin.data.shards import (
     corruption_message,
     is_remote,
     join,
+    local_path,
     read_index,
     read_meta,
     shard_hash_problem,
@@ -189,7 +190,7 @@ class TokenDataset(Dataset):
         from streaming.base.format import reader_from_json
         from streaming.base.spanner import Spanner
 
-        path = str(path)
+        path = local_path(path)  # a file:// URL is a local folder
         split = resolve_split(path, split)
         root = _source_root(path, split, local_cache)
         split_dir = root / split

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ettin.data.remote import download_s3, list_s3
-from ettin.data.shards import DataError, is_remote
+from ettin.data.shards import DataError, is_remote, local_path
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -401,11 +401,11 @@ class Replay:
         cls, path: str | Path, *, local_cache: str | None = None, phase: str | None = None
     ) -> Replay:
         """Read and check an order file's index (its `step` column, and ids / epochs)."""
-        source = str(path)
+        source = local_path(path)  # a file:// URL is a local file or folder
         if is_remote(source):
             found = fetch_order_file(source, local_cache, phase)
         else:
-            found = local_parts(path, phase)
+            found = local_parts(source, phase)
         if phase:
             source = f"{source} (data.order_phase={phase})"
         files = [(rel, p, _parquet(p)) for rel, p in found]

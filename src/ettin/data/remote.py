@@ -43,8 +43,10 @@ from ettin.data.shards import (
     META,
     DataError,
     check_shard_header,
+    decompress,
     is_remote,
     join,
+    local_path,
     read_index,
     shard_hash_problem,
 )
@@ -320,8 +322,6 @@ def _check(path: Path, info: dict, samples: int | None, index_file: Path, what: 
 
 
 def _decompress(zipped: Path, algo: str, out: Path) -> None:
-    from streaming.base.compression import decompress
-
     out.write_bytes(decompress(algo, zipped.read_bytes()))
 
 
@@ -411,14 +411,14 @@ def _clean_parts(split_dir: Path) -> None:
 def fetch_split(source: str, split: str, cache: str | os.PathLike, *,
                 workers: int = DEFAULT_WORKERS, quiet: bool | None = None) -> Path:  # fmt: skip
     """Bring `<source>/meta.json` and `<source>/<split>` into `cache` (see the module doc);
-    returns `cache`. `source` is a URL or a local phase folder (then compressed shards are
-    decompressed into the cache and raw ones copied)."""
+    returns `cache`. `source` is a URL or a local phase folder (a path or `file://` URL: then
+    compressed shards are decompressed into the cache and raw ones copied)."""
     from composer.utils import dist
 
     root = Path(cache)
     with dist.run_local_rank_zero_first():
         if dist.get_local_rank() == 0:
-            _fetch(str(source), split, root, workers=workers, quiet=quiet)
+            _fetch(local_path(source), split, root, workers=workers, quiet=quiet)
     return root
 
 

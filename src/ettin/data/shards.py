@@ -9,7 +9,8 @@ index (the subfolders' own index.json files are ignored).
 
 Everything here reads files and names what is wrong with them (`DataError`, one line naming the
 file and the fix); the dataset (`ettin.data.dataset`), the fetcher (`ettin.data.remote`) and the
-CLI (`ettin data verify`) all build on it. No torch, Composer or Streaming is imported.
+CLI (`ettin data verify`) all build on it. No torch or Composer is imported, and Streaming only
+to decompress a compressed shard (`decompress`).
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import struct
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +49,25 @@ class DataError(ValueError):
 
 
 def is_remote(path: str) -> bool:
-    """True for URIs (s3://, gs://, ...) that Streaming must download."""
+    """True for URIs (s3://, gs://, ...) that Streaming must download (`file://` is local)."""
     scheme = urllib.parse.urlparse(str(path)).scheme
     return len(scheme) > 1 and scheme != "file"
+
+
+def local_path(path: str | os.PathLike) -> str:
+    """`path` with a `file://` URL turned into the local path it names (`file:///data/x` ->
+    `/data/x`, percent-escapes decoded); anything else unchanged. `Path("file:///x")` would
+    collapse the slashes into a relative `file:/x`."""
+    text = str(path)
+    url = urllib.parse.urlparse(text)
+    if url.scheme != "file":
+        return text
+    if url.netloc not in ("", "localhost"):
+        raise DataError(
+            f"{text} names a file on host {url.netloc!r}; a file:// URL must be local "
+            f"(file:///absolute/path), or use a remote scheme such as s3://"
+        )
+    return urllib.parse.unquote(url.path)
 
 
 def join(base: str, *parts: str) -> str:
@@ -153,26 +172,33 @@ def check_shard_files(split_dir: Path, index: dict) -> None:
         check_shard_header(path, int(shard["samples"]), split_dir / INDEX)
 
 
-def check_shard_header(path: Path, samples: int, index_file: Path) -> None:
+def check_shard_header(
+    path: Path, samples: int, index_file: Path, data: bytes | None = None
+) -> None:
     """An MDS shard's own header (uint32 sample count, then count + 1 uint32 offsets whose last is
     the file size) must agree with index.json's `samples`: otherwise the global sample ids, and
-    so the data order, would silently refer to other samples."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(4)
-        if len(head) < 4:
-            raise DataError(
-                f"shard file {path} is too short to hold an MDS header; it is damaged: re-run "
-                f"`ettin prep` or re-download it"
-            )
-        (count,) = struct.unpack("<I", head)
-        if count != samples:
-            raise DataError(
-                f"{index_file} says shard {path.name} holds {samples} samples, but the shard file's "
-                f"own header says {count}: index.json does not belong to these shards (edited, or "
-                f"from another write). Re-run `ettin prep` for this phase or re-download the split"
-            )
-        table = f.read(4 * (count + 1))
+    so the data order, would silently refer to other samples. `data`: the shard's bytes, when
+    they are not in `path` (a compressed shard, decompressed in memory)."""
+    if data is None:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(4)
+            table = f.read(4 * (struct.unpack("<I", head)[0] + 1)) if len(head) == 4 else b""
+    else:
+        size, head = len(data), data[:4]
+        table = data[4 : 4 * (struct.unpack("<I", head)[0] + 2)] if len(head) == 4 else b""
+    if len(head) < 4:
+        raise DataError(
+            f"shard file {path} is too short to hold an MDS header; it is damaged: re-run "
+            f"`ettin prep` or re-download it"
+        )
+    (count,) = struct.unpack("<I", head)
+    if count != samples:
+        raise DataError(
+            f"{index_file} says shard {path.name} holds {samples} samples, but the shard file's "
+            f"own header says {count}: index.json does not belong to these shards (edited, or "
+            f"from another write). Re-run `ettin prep` for this phase or re-download the split"
+        )
     offsets = np.frombuffer(table, np.uint32) if len(table) == 4 * (count + 1) else None
     if (
         offsets is None
@@ -196,8 +222,9 @@ def _hasher(algo: str) -> Callable[[], Any] | None:
     return getattr(xxhash, algo, None)
 
 
-def shard_hash_problem(path: Path, raw: dict) -> str | None:
-    """None if the shard file's content matches a hash index.json records for it; else why not.
+def shard_hash_problem(path: Path, raw: dict, data: bytes | None = None) -> str | None:
+    """None if the shard file's content (or `data`, its bytes) matches a hash index.json records
+    for it; else why not.
 
     Raises `LookupError` when index.json records no hash this environment can compute.
     """
@@ -208,9 +235,12 @@ def shard_hash_problem(path: Path, raw: dict) -> str | None:
     if algo is None:
         raise LookupError(f"index.json records no usable hash for {path.name}")
     h = _hasher(algo)()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
+    if data is not None:
+        h.update(data)
+    else:
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
     if h.hexdigest() != recorded[algo]:
         return f"its {algo} hash is {h.hexdigest()}, index.json recorded {recorded[algo]}"
     return None
@@ -224,29 +254,150 @@ def corruption_message(path: Path, why: str) -> str:
     )
 
 
-def verify_split(split_dir: Path, progress: Callable[[int], None] | None = None) -> list[str]:
-    """Check every shard of a split: file, size, header and content hash. Returns the problems
-    (one line each; empty when all is well). `progress(bytes)` is called after each shard."""
+def decompress(algo: str, data: bytes) -> bytes:
+    """A compressed shard's bytes decompressed with Streaming's codec `algo` (e.g. "zstd")."""
+    from streaming.base.compression import decompress as _decompress
+
+    return _decompress(algo, data)
+
+
+@dataclass
+class SplitCheck:
+    """What `verify_split` checked in one split, and the problems it found (one line each)."""
+
+    split: Path
+    shards: int = 0
+    bytes: int = 0
+    """Raw bytes of the shards (what training reads)."""
+    hashed: int = 0
+    """Shards whose content matched a hash that index.json records."""
+    unhashed: int = 0
+    """Shards without a recorded hash (`hashes: {}`, as the reference's writer leaves them):
+    their size, MDS header and offset table were checked, their content no further."""
+    compressed: int = 0
+    """Shards present only compressed (`zip_data`, e.g. `.mds.zstd`): the compressed file was
+    checked (size, hash if recorded), then its decompressed bytes as a raw shard's."""
+    problems: list[str] = field(default_factory=list)
+
+
+def _check_compressed(split_dir: Path, shard: dict) -> bool:
+    """Check a shard present only compressed (see `SplitCheck.compressed`); True when a content
+    hash (of the compressed or the decompressed bytes) was recorded and matched."""
+    raw, zipped, index_file = shard["raw_data"], shard["zip_data"], split_dir / INDEX
+    zpath = split_dir / zipped["basename"]
+    size = zpath.stat().st_size
+    if "bytes" in zipped and size != int(zipped["bytes"]):
+        raise DataError(
+            f"compressed shard file {zpath} has {size} bytes but {index_file} says "
+            f"{zipped['bytes']}: it is truncated or was overwritten; re-download it"
+        )
+    hashed = False
+    try:
+        why = shard_hash_problem(zpath, zipped)
+        hashed = True
+    except LookupError:
+        why = None
+    if why:
+        raise DataError(corruption_message(zpath, why))
+    algo = shard.get("compression") or "zstd"
+    try:
+        data = decompress(algo, zpath.read_bytes())
+    except Exception as err:  # the codec's own error types
+        raise DataError(
+            f"compressed shard file {zpath} does not decompress with {algo!r} ({err}): it is "
+            f"damaged; re-download it"
+        ) from None
+    if len(data) != int(raw["bytes"]):
+        raise DataError(
+            f"compressed shard file {zpath} decompresses to {len(data)} bytes but {index_file} "
+            f"says {raw['bytes']}: it does not belong to this index.json; re-download it"
+        )
+    check_shard_header(zpath, int(shard["samples"]), index_file, data=data)
+    try:
+        why = shard_hash_problem(zpath, raw, data=data)
+        hashed = True
+    except LookupError:
+        why = None
+    if why:
+        raise DataError(corruption_message(zpath, f"decompressed, {why}"))
+    return hashed
+
+
+def verify_split(split_dir: Path, progress: Callable[[int], None] | None = None) -> SplitCheck:
+    """Check every shard of a split: file, size, header, and content hash where index.json
+    records one; a shard present only compressed is checked compressed and decompressed (in
+    memory). `progress(bytes)` is called after each shard. Returns what was checked and the
+    problems (one line each; none when all is well)."""
     index = read_index(split_dir)
-    problems: list[str] = []
+    check = SplitCheck(split_dir)
     for shard in index["shards"]:
-        raw = shard["raw_data"]
+        raw, zipped = shard["raw_data"], shard.get("zip_data")
         path = split_dir / raw["basename"]
+        check.shards += 1
+        check.bytes += int(raw.get("bytes", 0))
         try:
-            check_shard_files(split_dir, {"shards": [shard]})
-            why = shard_hash_problem(path, raw)
-            if why:
-                problems.append(corruption_message(path, why))
+            if zipped and not path.exists() and (split_dir / zipped["basename"]).is_file():
+                hashed = _check_compressed(split_dir, shard)
+                check.compressed += 1
+            else:
+                check_shard_files(split_dir, {"shards": [shard]})
+                try:
+                    why = shard_hash_problem(path, raw)
+                    hashed = True
+                except LookupError:
+                    why, hashed = None, False
+                if why:
+                    raise DataError(corruption_message(path, why))
+            if hashed:
+                check.hashed += 1
+            else:
+                check.unhashed += 1
         except DataError as err:
-            problems.append(str(err))
-        except LookupError:
-            problems.append(
-                f"{split_dir / INDEX} records no content hash for {raw['basename']}: it cannot be "
-                f"verified (shards written before hashes were recorded); re-run `ettin prep` to add them"
-            )
+            check.problems.append(str(err))
         if progress is not None:
             progress(int(raw.get("bytes", 0)))
-    return problems
+    return check
+
+
+def verified(checks: Iterable[SplitCheck], root: Path) -> str:
+    """One line saying what `verify_split` checked in `checks` (all without problems)."""
+    checks = list(checks)
+    n, k = sum(c.shards for c in checks), len(checks)
+    hashed, unhashed = sum(c.hashed for c in checks), sum(c.unhashed for c in checks)
+    compressed = sum(c.compressed for c in checks)
+    total = sum(c.bytes for c in checks)
+    out = (
+        f"{n} shards in {k} split{'' if k == 1 else 's'} under {root} ({total:,} bytes): sizes, "
+        f"MDS headers and sample offsets match index.json"
+    )
+    if hashed:
+        out += f"; {hashed} match their recorded content hashes"
+    if unhashed:
+        out += (
+            f"; {unhashed} have no content hash in index.json (`hashes: {{}}`, as the reference's "
+            f"writer leaves them), so for those only sizes and headers were checked"
+        )
+    if compressed:
+        out += (
+            f"; {compressed} are only compressed (zip_data): each compressed file and its "
+            f"decompressed bytes were checked (train on them with data.local_cache, or `ettin "
+            f"data decompress`)"
+        )
+    return out
+
+
+def split_dirs(root: Path) -> list[Path]:
+    """Every MDS split (a folder with index.json) at or under `root`, skipping temp folders and
+    the subfolders of a merged split at any depth (per source, per chunk: their index.json files
+    are part of the split's)."""
+    if (root / INDEX).is_file():
+        return [root]
+    found = sorted(
+        p.parent
+        for p in root.rglob(INDEX)
+        if not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+    return [d for d in found if not any(o in d.parents for o in found)]
 
 
 def read_meta(root: Path) -> dict | None:

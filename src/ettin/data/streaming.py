@@ -39,6 +39,7 @@ from ettin.data.shards import (
     DataError,
     check_tokenizer,
     is_remote,
+    local_path,
     read_index,
     read_meta,
 )
@@ -116,7 +117,7 @@ def build_streaming_train(
 
     from ettin.data.remote import _Getter, join, probe_remote
 
-    path = str(data_cfg.path)
+    path = local_path(data_cfg.path)  # a file:// URL is a local folder
     remote = is_remote(path)
     if data_cfg.batch_size_warmup_tokens not in (None, "", "0", "0tok", 0):
         raise DataError(

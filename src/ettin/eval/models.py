@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -299,7 +298,3 @@ def masked_scores(
         [[ids[p] for p in positions] for ids, positions in rows],
         max_tokens,
     )
-
-
-def mean_or_nan(values: Sequence[float]) -> float:
-    return float(sum(values) / len(values)) if values else math.nan

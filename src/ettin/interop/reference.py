@@ -24,11 +24,13 @@ config, an optimiser state we cannot represent is refused with a message that na
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
 import os
 import re
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +52,7 @@ __all__ = [
     "load_optimizer_state",
     "read_reference",
     "reference_model_args",
+    "reference_tokenizer",
     "reference_weights",
     "write_tokenizer",
 ]
@@ -158,8 +161,9 @@ def reference_model_args(
 
     `causal` is what the tensors say (`lm_head` = decoder); the config's `causal_mask` must agree.
     `local_attn_rotary_emb_base` -1 (or absent) means the global base; `sliding_window` is the total
-    window (ours `local_attention`); -1 there (or `global_attn_every_n_layers` -1) means every layer
-    is global.
+    window (ours `local_attention`); -1 there (with `global_attn_every_n_layers` -1) means every
+    layer is global. A window with `global_attn_every_n_layers` <= 0 (FlexBert: every layer local)
+    and `global_attn_every_n_layers` > 0 without a window (FlexBert refuses it) are refused.
     """
     for key, want in _FIXED_FLEX.items():
         if key in config and config[key] != want:
@@ -188,7 +192,24 @@ def reference_model_args(
         raise ReferenceError(f"{source}: FlexBertConfig lacks {', '.join(missing)}")
     window = config.get("sliding_window", -1)
     every_n = config.get("global_attn_every_n_layers", -1)
-    if window is None or window <= 0 or every_n is None or every_n <= 0:
+    window = -1 if window is None or window <= 0 else window
+    every_n = -1 if every_n is None or every_n <= 0 else every_n
+    if window > 0 and every_n <= 0:
+        # FlexBert: global_attn_every_n_layers <= 0 with a window makes *every* layer local
+        raise ReferenceError(
+            f"{source}: FlexBertConfig global_attn_every_n_layers="
+            f"{config.get('global_attn_every_n_layers')} with sliding_window={window} makes every "
+            f"layer local (window {window}), which the Ettin architecture cannot represent: layer "
+            f"i is global iff i % global_attn_every_n_layers == 0, so layer 0 always is, and "
+            f"Hugging Face's ModernBERT has no all-local form either. This checkpoint cannot be "
+            f"imported as it was trained"
+        )
+    if window <= 0 and every_n > 0:
+        raise ReferenceError(
+            f"{source}: FlexBertConfig global_attn_every_n_layers={every_n} needs a sliding_window "
+            f"(it has {config.get('sliding_window')}); FlexBert itself refuses this config"
+        )
+    if window <= 0:
         window, every_n = 128, 1  # every layer global: the window is never used
     global_theta = float(config.get("rotary_emb_base", 10000.0))
     local_theta = config.get("local_attn_rotary_emb_base", -1)
@@ -497,14 +518,19 @@ def read_reference(path: str | os.PathLike, *, payload: dict | None = None) -> R
 
 
 def write_tokenizer(files: dict[str, Any], out_dir: str | os.PathLike) -> Path | None:
-    """Write Composer's tokenizer metadata back as files (None when there is none)."""
+    """Write Composer's tokenizer metadata back as files (None when there is none).
+
+    Composer's `HuggingFaceModel.get_metadata` stores each file of `save_pretrained` under its
+    name: `.json` parsed, `.txt` as a list of lines, `.py`/`.jinja` as text, `.model`
+    (SentencePiece) as the serialized bytes; a name without its extension gets it appended."""
     if not files:
         return None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name, entry in files.items():
         content, ext = entry.get("content"), entry.get("file_extension", Path(name).suffix)
-        target = out / Path(name).name
+        base = Path(name).name
+        target = out / (base if base.endswith(ext) else base + ext)
         if ext == ".json":
             target.write_text(json.dumps(content, ensure_ascii=False))
         elif ext == ".txt":
@@ -516,13 +542,48 @@ def write_tokenizer(files: dict[str, Any], out_dir: str | os.PathLike) -> Path |
     return out
 
 
+def reference_tokenizer(files: dict[str, Any]) -> Path | None:
+    """The folder of the tokenizer a reference checkpoint carries (None when it has none).
+
+    Written once into the cache (`<cache>/tokenizers/reference-<digest of the files>`), so that
+    `ettin export REF.pt OUT` and `init_from=REF.pt` find it like a run's tokenizer folder."""
+    if not files:
+        return None
+    from ettin.cache import cache_root
+
+    blob = json.dumps(files, sort_keys=True, default=repr).encode()
+    out = cache_root() / "tokenizers" / f"reference-{hashlib.sha256(blob).hexdigest()[:16]}"
+    if not out.is_dir():
+        tmp = out.with_name(f".{out.name}-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_tokenizer(files, tmp)
+        try:
+            tmp.rename(out)
+        except OSError:  # another process put it there first: theirs is the same
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def reference_weights(payload: dict[str, Any], source: str) -> tuple[dict[str, Tensor], dict]:
-    """(our state dict, RunInfo-style metadata) of a loaded reference checkpoint."""
+    """(our state dict, RunInfo-style metadata) of a loaded reference checkpoint.
+
+    The tokenizer the checkpoint carries becomes the metadata's tokenizer (its folder and
+    fingerprint), and its pad id the model's, so an export holds it with the right ids."""
     ref = read_reference(source, payload=payload)
+    args, tok_info = ref.model_args, {}
+    tok_dir = reference_tokenizer(ref.tokenizer_files)
+    if tok_dir is not None:
+        from transformers import AutoTokenizer
+
+        from ettin.tokenizer import tokenizer_fingerprint
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+        tok_info = {"path": str(tok_dir), **tokenizer_fingerprint(tokenizer)}
+        args = dataclasses.replace(args, pad_token_id=tokenizer.pad_token_id)
     meta = {
-        "model_args": dataclasses.asdict(ref.model_args),
+        "model_args": dataclasses.asdict(args),
         "objective": ref.objective,
-        "tokenizer": {},
+        "tokenizer": tok_info,
         "lineage": {"reference": source, "objectives": [ref.objective]},
         "max_seq_len": None,  # the data config is not in the checkpoint
         "hf_config": {},

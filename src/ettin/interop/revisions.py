@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,6 @@ log = logging.getLogger(__name__)
 
 INDEX = "revisions.json"
 PREFIX = {"pretrain": "step", "extension": "ext", "decay": "decay", "cross": "cross"}
-_REVISION_RE = re.compile(r"^(step|ext|decay|cross)(\d+)$")
 
 
 @dataclass
