@@ -46,11 +46,12 @@ train: install  ## run a multi-stage recipe: make train RECIPE=recipes/ettin-150
 bench: install  ## CPU benchmarks: ratios against named baselines
 	$(BIN)/python bench/run_all.py
 
-# `make gpu-check` runs on a GPU machine's own python3 (its torch, no package index): it needs no
-# .venv. The Composer part installs the wheels of `make wheelhouse` from .gpu/ (carry that folder).
+# `make gpu-check` runs the harness package src/ettin_gpu/ on a GPU machine's own python3 (its
+# torch, no package index): it needs no .venv and no ettin install, only PYTHONPATH=src. The
+# Composer part installs the wheels of `make wheelhouse` from .gpu/ (carry that folder).
 GPU_PYTHON ?= python3
 gpu-check:  ## prove the GPU path (backends, compiled throughput, 130 Composer steps + resume)
-	PYTHONUNBUFFERED=1 PYTHONPATH=src $(GPU_PYTHON) bench/gpu_check.py
+	PYTHONUNBUFFERED=1 PYTHONPATH=src $(GPU_PYTHON) -m ettin_gpu
 
 # What the GPU machine cannot fetch: the wheels of the Composer part for its CPython 3.12 on
 # x86_64 Linux, the tokenizer and a small prepared dataset. Every wheel is *downloaded for* 3.12
@@ -82,7 +83,7 @@ wheelhouse: install  ## .gpu/: wheels, tokenizer and data for `make gpu-check` o
 # The GPU machine on this CPU: a fresh CPython 3.12 venv (.standin/) with the GPU image's torch
 # 2.11 (PyPI's only Linux x86_64 build of it, the CUDA one; it runs on the CPU) and the few packages
 # of that image the check imports, nothing of ettin's own installs. `.gpu/` goes in exactly as
-# gpu_check.py installs it on the GPU (`pip install --no-index --no-deps --target`); then the
+# ettin_gpu installs it on the GPU (`pip install --no-index --no-deps --target`); then the
 # check's CPU smoke run: backends and throughput at the test size, and the Composer part's
 # 130 steps, kill -9 and resume.
 STANDIN_PY ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
@@ -97,7 +98,7 @@ $(STANDIN)/.installed: Makefile
 	touch $@
 gpu-standin: wheelhouse $(STANDIN)/.installed  ## the GPU check on a CPU stand-in of the GPU machine
 	rm -rf runs/standin
-	PYTHONUNBUFFERED=1 PYTHONPATH=src $(STANDIN)/bin/python bench/gpu_check.py --smoke \
+	PYTHONUNBUFFERED=1 PYTHONPATH=src $(STANDIN)/bin/python -m ettin_gpu --smoke \
 		--bundle .gpu --work runs/standin --out runs/standin/gpu_check.md
 
 clean:

@@ -9,7 +9,7 @@ Runs, each as its own process (so one's memory and threads do not affect the nex
   one 1024-token row); `--full` uses bench_model's own defaults (two 1024-token rows, 5 pairs).
 - bench_prep.py: prep tokens/s with worker processes vs the single-process baseline.
 - bench_loader.py: loader tokens/s vs what a 150m model consumes on one GPU.
-- with `--gpu` (and CUDA), gpu_check.py (`make gpu-check`) as well.
+- with `--gpu` (and CUDA), the GPU check (`python -m ettin_gpu`, `make gpu-check`) as well.
 A script that is missing is reported as such; one that fails does not stop the others.
 """
 
@@ -29,15 +29,20 @@ QUICK_MODEL_ARGS = ["--fixed-batch", "1", "--repeats", "3"]
 
 
 def run(script: str, args: list[str]) -> tuple[int | None, str, float]:
-    """Run bench/<script> with this interpreter, echoing its output; (rc, output, seconds)."""
+    """Run bench/<script> (or `-m <module>`) with this interpreter, echoing its output;
+    (rc, output, seconds)."""
     path = HERE / script
-    if not path.exists():
+    if script.startswith("-m "):
+        command = [sys.executable, "-m", script[3:]]
+    elif path.exists():
+        command = [sys.executable, str(path)]
+    else:
         print(f"\n=== {script}: not present, skipped", flush=True)
         return None, "", 0.0
     print(f"\n=== {script} {' '.join(args)}", flush=True)
     t0 = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, str(path), *args],
+        [*command, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -159,7 +164,7 @@ def main() -> int:
     )
     parser.add_argument("--only", nargs="+", choices=["model", "prep", "loader"])
     parser.add_argument("--full", action="store_true", help="bench_model's full setting")
-    parser.add_argument("--gpu", action="store_true", help="also run gpu_check.py (needs CUDA)")
+    parser.add_argument("--gpu", action="store_true", help="also run the GPU check (needs CUDA)")
     args = parser.parse_args()
     todo = args.only or ["model", "prep", "loader"]
 
@@ -188,9 +193,9 @@ def main() -> int:
             elif rc is not None:
                 failed.append("bench_loader.py")
         if args.gpu:
-            rc, _, _ = run("gpu_check.py", [])
+            rc, _, _ = run("-m ettin_gpu", [])
             if rc not in (0, None):
-                failed.append("gpu_check.py")
+                failed.append("ettin_gpu")
 
     total = time.perf_counter() - t0
     print(

@@ -1,4 +1,4 @@
-"""`make gpu-check` (bench/gpu_check.py, judged by bench/gpu_verdict.py): what a CPU can reach.
+"""`make gpu-check` (`ettin_gpu.check`, judged by `ettin_gpu.verdict`): what a CPU can reach.
 
 The script proves the GPU path on a lent GPU; here its plan and budgets, its batches, its
 backend comparison, its report and, above all, its verdict run on the CPU, so it cannot rot
@@ -20,17 +20,22 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "bench/gpu_check.py"
-sys.path.insert(0, str(ROOT / "bench"))
+from ettin_gpu import check as gpu_check
+from ettin_gpu import verdict
 
-import gpu_check  # noqa: E402
-import gpu_verdict as verdict  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
+    """`python -m ettin_gpu ARGS` from the checkout with `PYTHONPATH=src`, as `make gpu-check`."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "ettin_gpu", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env=env,
     )
 
 
@@ -87,6 +92,48 @@ def test_backend_check_passes_every_backend_that_trains_here():
     }
     assert all(r.ok for r in rows), [r for r in rows if not r.ok]
     assert all(0 < r.bwd_err < r.bwd_limit for r in rows)  # bf16 really ran, and was judged
+
+
+def _attention_ignoring_masks_in_bf16(monkeypatch) -> None:
+    """A torch backend broken in bf16 only: its SDPA calls drop the mask and the causal flag."""
+    import torch.nn.functional as F
+
+    sdpa = F.scaled_dot_product_attention
+
+    def broken(q, k, v, attn_mask=None, is_causal=False, **kw):
+        if q.dtype == torch.bfloat16:
+            return sdpa(q, k, v)
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", broken)
+
+
+def test_a_torch_path_broken_in_bf16_fails_its_own_row(monkeypatch):
+    """The torch row is judged by a bound it does not set: a decoder whose bf16 attention sees
+    the future (its fp32 reference is right) fails, while the bound stays what bf16 costs."""
+    from ettin.model.attention import available_backends
+
+    fine = gpu_check.check_backends("test", torch.device("cpu"), rows=2, context=64)
+    _attention_ignoring_masks_in_bf16(monkeypatch)
+    rows = gpu_check.check_backends("test", torch.device("cpu"), rows=2, context=64)
+    broken = {(r.objective, r.layout) for r in rows if r.backend == "torch" and not r.ok}
+    assert broken == {("clm", "padded"), ("clm", "packed")}, rows
+    assert [(r.fwd_limit, r.bwd_limit) for r in rows] == [(r.fwd_limit, r.bwd_limit) for r in fine]
+    if "flex" in available_backends(torch.device("cpu")):  # no SDPA: right, and judged right
+        assert all(r.ok for r in rows if r.backend == "flex")
+    r = verdict.Results("x", parts=["backends"], backends=rows, done=["backends"])
+    assert any(f.startswith("backends: torch clm") for f in verdict.failures(r))
+
+
+def test_the_bf16_emulation_rounds_every_matmul_and_restores_the_model():
+    model = gpu_check.build_model("test", "mlm", torch.device("cpu"))
+    x = torch.randn(3, model.args.hidden_size)
+    dense = model.head.dense
+    with gpu_check.bf16_rounding(model):
+        got = dense(x)
+    want = (x.bfloat16().float() @ dense.weight.bfloat16().float().T).bfloat16().float()
+    assert torch.equal(got, want) and not torch.equal(dense(x), got)
+    assert verdict.backend_limit(1e-3) == verdict.BF16_FACTOR * 1e-3 + verdict.BF16_FLOOR
 
 
 def test_throughput_cell_times_stableadamw_on_pregenerated_batches():

@@ -2,7 +2,10 @@
 
 The floors are declared once, in docs/architecture.md ("Layering"); this test reads them there.
 Imports are found with `ast` in every module of src/ettin, at module level and inside functions
-alike (an import hidden in a function is still a dependency).
+alike (an import hidden in a function is still a dependency). A module named in a string counts
+as an import too: `[sys.executable, "-m", "ettin.train"]`, `"python -m ettin.train"` or
+`importlib.import_module("ettin.demo")` run that module as surely as an import statement does
+(docstrings and other bare string statements are prose, not code, and are left out).
 """
 
 from __future__ import annotations
@@ -30,14 +33,41 @@ def module_files(src: Path = SRC) -> dict[str, tuple[Path, bool]]:
     return out
 
 
+_MODULE_STRING = re.compile(r"ettin(?:\.\w+)+")
+_RUN_MODULE = re.compile(r"-m\s+(ettin(?:\.\w+)+)")
+
+
+def named_modules(tree: ast.AST) -> list[str]:
+    """Modules named by the string constants of a module's code: the whole string a dotted
+    `ettin.` name (`"ettin.train"`, as in `[sys.executable, "-m", "ettin.train"]` or
+    `import_module("ettin.demo")`), or a command line holding `-m ettin.<module>`. Bare string
+    statements (docstrings, field docstrings) are prose and are left out."""
+    prose = {
+        id(node.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+    }
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in prose:
+            if _MODULE_STRING.fullmatch(node.value):
+                found.append(node.value)
+            found += _RUN_MODULE.findall(node.value)
+    return found
+
+
 def import_graph(src: Path = SRC) -> dict[str, set[str]]:
-    """{module: the ettin modules it imports}, with `from pkg import mod` resolved to the module."""
+    """{module: the ettin modules it imports or names to run}, with `from pkg import mod`
+    resolved to the module."""
     mods = module_files(src)
     graph: dict[str, set[str]] = {}
     for name, (path, is_pkg) in mods.items():
         targets: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Import):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in [*ast.walk(tree), *named_modules(tree)]:
+            if isinstance(node, str):
+                found = [node]
+            elif isinstance(node, ast.Import):
                 found = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
                 if node.level:
@@ -171,6 +201,31 @@ def test_function_level_imports_count(tmp_path):
     assert room("ettin.data.cli") == "cli" and room("ettin.data.order") == "data"
 
 
+def test_modules_launched_by_name_count(tmp_path):
+    """A subprocess or importlib call that names a module depends on it like an import."""
+    pkg = tmp_path / "ettin"
+    (pkg / "data").mkdir(parents=True)
+    for name in ("__init__", "train", "demo", "recipe", "data/__init__", "data/order"):
+        (pkg / f"{name}.py").write_text("")
+    (pkg / "recipe.py").write_text(
+        '"""Runs `python -m ettin.demo` (prose: no dependency)."""\n'
+        "import subprocess, sys\n"
+        "def run(args):\n"
+        '    subprocess.run([sys.executable, "-m", "ettin.train", *args])\n'
+    )
+    (pkg / "data" / "order.py").write_text(
+        'import importlib, os\nCMD = "python -m ettin.train x.yaml"\n'
+        'def f():\n    return importlib.import_module("ettin.demo")\n'
+        'def g():\n    """Not `ettin.recipe`."""\n    return "ettin.data.order"\n'
+    )
+    graph = import_graph(tmp_path)
+    assert graph["ettin.recipe"] == {"ettin.train"}
+    assert graph["ettin.data.order"] == {"ettin.train", "ettin.demo"}
+    floors = declared_floors("floor 0: data\nfloor 1: recipe\nfloor 2: train demo\n")
+    problems = layering_problems(graph, floors)
+    assert any(p.startswith("upward import: ettin.recipe (floor 1") for p in problems), problems
+
+
 @pytest.mark.parametrize(
     "module, forbidden",
     [
@@ -187,3 +242,21 @@ def test_importing_a_room_loads_no_room_above_it(module, forbidden):
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.split()
     assert loaded == [], f"import {module} loaded {loaded}"
+
+
+def test_the_gpu_harness_sits_on_top():
+    """`src/ettin_gpu/` (make gpu-check) imports ettin; nothing in ettin imports or runs it."""
+    users = []
+    for name, (path, _) in module_files().items():
+        tree = ast.parse(path.read_text(), str(path))
+        imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        imported += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        prose = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr)}  # docstrings
+        strings = [
+            n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and id(n) not in prose
+        ]
+        named = [s for s in strings if isinstance(s, str) and re.search(r"\bettin_gpu\b", s)]
+        if any(m.split(".")[0] == "ettin_gpu" for m in imported) or named:
+            users.append(name)
+    assert users == [], f"{users} use the GPU harness: it must stay above the library"
+    assert (SRC / "ettin_gpu" / "__main__.py").is_file()  # `python -m ettin_gpu`

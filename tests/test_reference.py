@@ -319,17 +319,67 @@ def test_a_run_of_another_size_or_objective_is_refused(tmp_path):
 
 
 def test_init_from_and_import_accept_a_reference_checkpoint(tmp_path):
-    from ettin.checkpoint import load_checkpoint, read_checkpoint
+    from ettin.checkpoint import load_checkpoint
     from ettin.cli import main
+    from ettin.interop import read_any_checkpoint
 
     torch.save(reference_payload(True), tmp_path / "ref.pt")
-    state, info = read_checkpoint(tmp_path / "ref.pt")  # what init_from= reads
+    state, info = read_any_checkpoint(tmp_path / "ref.pt")  # what init_from= reads
     assert info.objective == "clm" and info.model_args.causal
     assert "model.layers.1.attn.Wqkv.weight" in state
     main(["import", str(tmp_path / "ref.pt"), str(tmp_path / "start.pt")])
     model, got = load_checkpoint(tmp_path / "start.pt")
     assert got.lineage["reference"] == str(tmp_path / "ref.pt")
     assert torch.equal(model.state_dict()["head.dense.weight"], state["head.dense.weight"])
+
+
+FRESH_READERS = """
+import sys
+from ettin.checkpoint import CheckpointError, read_checkpoint, state_digest
+
+def refused():
+    try:
+        read_checkpoint(REF)
+    except CheckpointError as err:
+        return str(err)
+    return "read"
+
+print("checkpoint alone:", refused(), "| interop loaded:", "ettin.interop" in sys.modules)
+from ettin.model import EttinModel, ModelArgs
+from ettin.train import init_from_checkpoint
+
+model = EttinModel(ModelArgs(**ARGS))
+info = init_from_checkpoint(model, REF)
+print("init_from:", info.objective, state_digest(model.state_dict()))
+print("after the formats were imported:", refused())
+"""
+
+
+def test_reading_a_reference_checkpoint_is_a_visible_import(tmp_path):
+    """In a fresh interpreter (nothing imported by a test file): `ettin.checkpoint` alone refuses
+    a reference checkpoint and names the reader that takes it; `init_from` reads it through the
+    import it makes itself; and importing the formats changes nothing in `ettin.checkpoint` (no
+    registry filled on import)."""
+    import subprocess
+    import sys
+
+    from ettin.checkpoint import state_digest
+
+    ref = read_reference(tmp_path / "ref.pt", payload=reference_payload(True))
+    torch.save(reference_payload(True), tmp_path / "ref.pt")
+    code = f"REF = {str(tmp_path / 'ref.pt')!r}\nARGS = {dataclasses.asdict(ref.model_args)!r}\n"
+    out = subprocess.run(
+        [sys.executable, "-c", code + FRESH_READERS], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = dict(line.split(": ", 1) for line in out.stdout.strip().splitlines())
+    alone, loaded = lines["checkpoint alone"].rsplit(" | interop loaded: ", 1)
+    assert loaded == "False"
+    assert (
+        "without ettin's RunInfo" in alone and "ettin.interop.formats.read_any_checkpoint" in alone
+    )
+    assert lines["init_from"] == f"clm {state_digest(ref.state)}"
+    assert lines["after the formats were imported"] == alone
 
 
 @pytest.fixture(scope="module")
@@ -373,9 +423,9 @@ def test_export_of_a_reference_checkpoint_carries_its_tokenizer(
     assert enc[0] == tok.cls_token_id  # the objective's template: [CLS] w1 w2 [SEP] | [CLS] w1 w2
     assert enc[-1] == (tok.convert_tokens_to_ids("w2") if causal else tok.sep_token_id)
     # the checkpoint is read the same way by init_from= (its folder and fingerprint)
-    from ettin.checkpoint import read_checkpoint
+    from ettin.interop import read_any_checkpoint
 
-    _, info = read_checkpoint(tmp_path / "ref.pt")
+    _, info = read_any_checkpoint(tmp_path / "ref.pt")
     assert info.tokenizer["mask_token_id"] == tok.mask_token_id
     assert info.model_args.pad_token_id == tok.pad_token_id
     assert Path(info.tokenizer["path"]).parent == tmp_path / "cache" / "tokenizers"

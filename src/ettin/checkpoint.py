@@ -3,9 +3,10 @@
 A Composer checkpoint (`runs/<run>/checkpoints/*.pt`) holds the full training state; the
 `RunInfo` callback stores beside it what is needed to rebuild the model without the config
 (model args, objective, tokenizer). An ettin file (`ettin import` output) holds the same
-metadata and a bare state dict. Both load into an `EttinModel` with `load_checkpoint`. Foreign
-Composer checkpoints (the reference training's) are read through a format registry
-(`register_format`): the format module registers its converter; this module imports no format.
+metadata and a bare state dict. Both load into an `EttinModel` with `load_checkpoint`. This
+module knows no foreign format: a Composer checkpoint without ettin's metadata (the reference
+training's) is refused with a message naming `ettin.interop.formats.read_any_checkpoint`, the
+reader of every format, which callers that accept foreign checkpoints import explicitly.
 
 Crash safety (`prepare_resume`). Composer writes `ep{e}-ba{b}-rank{r}.pt` in place and then
 repoints the `latest-rank{r}.pt` symlink, so a kill or a full disk can leave a partial file (which
@@ -24,7 +25,6 @@ import logging
 import os
 import re
 import zipfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,29 +45,6 @@ LATEST_FILENAME = "latest-rank{rank}.pt"
 INCOMPLETE = "incomplete"
 """Sub-folder of the checkpoint folder where partial or unreadable checkpoint files are moved."""
 _CHECKPOINT_RE = re.compile(r"^ep(\d+)-ba(\d+)-rank(\d+)\.pt$")
-
-
-@dataclass(frozen=True)
-class CheckpointFormat:
-    """A foreign Composer checkpoint layout that `read_checkpoint` can convert to ours.
-
-    The converters live with the format (e.g. `ettin.interop.reference`, which registers the
-    reference training's layout when it is imported); this module knows only the registry.
-    """
-
-    name: str
-    recognises: Callable[[dict[str, Any]], bool]
-    """Whether a Composer `state` is in this format."""
-    convert: Callable[[dict[str, Any], str], tuple[dict[str, torch.Tensor], dict[str, Any]]]
-    """(loaded payload, source) -> (our state dict, RunInfo-style metadata)."""
-
-
-_FORMATS: dict[str, CheckpointFormat] = {}
-
-
-def register_format(fmt: CheckpointFormat) -> None:
-    """Let `read_checkpoint` accept Composer checkpoints in `fmt` (registering again replaces)."""
-    _FORMATS[fmt.name] = fmt
 
 
 @dataclass
@@ -318,8 +295,8 @@ def _read_sharded(path: Path) -> dict[str, Any]:
         return _load_state_dict_from_keys({"state.model", "state.callbacks"}, checkpoint_id=path)
 
 
-def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
-    """The model state dict and metadata of a Composer or ettin checkpoint.
+def checkpoint_file(path: str | os.PathLike) -> Path:
+    """The checkpoint file (or sharded folder) that `path` names.
 
     For a folder: its `latest-rank0.pt`, else its newest complete run checkpoint by step, else
     its only `*.pt` file.
@@ -349,6 +326,12 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], C
             raise CheckpointError(f"no checkpoint (*.pt) in {path}")
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
+    return path
+
+
+def load_payload(path: str | os.PathLike) -> tuple[Path, Any]:
+    """(the file `path` names, what it holds): one `torch.load`, or the sharded folder's model."""
+    path = checkpoint_file(path)
     try:
         payload = (
             _read_sharded(path)
@@ -357,24 +340,22 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], C
         )
     except Exception as err:  # a truncated or foreign file
         raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
-    if isinstance(payload, dict) and payload.get("ettin_format") == ETTIN_FORMAT:
-        meta, state = payload, payload["state_dict"]
-    elif isinstance(payload, dict) and "state" in payload and "model" in payload["state"]:
-        meta = payload["state"].get("callbacks", {}).get("RunInfo")
-        foreign = [f for f in _FORMATS.values() if not meta and f.recognises(payload["state"])]
-        if foreign:  # e.g. the reference training's FlexBert names (ettin.interop.reference)
-            state, meta = foreign[0].convert(payload, str(path))
-        elif not meta:
-            known = f" nor a {' or '.join(_FORMATS)} checkpoint" if _FORMATS else ""
-            raise CheckpointError(
-                f"{path} is a Composer checkpoint without ettin RunInfo metadata{known}; "
-                "it was not written by ettin's trainer"
-            )
-        else:
-            state = _strip(payload["state"]["model"])
-    else:
-        raise CheckpointError(f"{path} is neither an ettin nor a Composer checkpoint")
-    info = CheckpointInfo(
+    return path, payload
+
+
+def is_foreign(payload: Any) -> bool:
+    """Whether `payload` is a Composer checkpoint that ettin's trainer did not write (no RunInfo)."""
+    return (
+        isinstance(payload, dict)
+        and isinstance(payload.get("state"), dict)
+        and "model" in payload["state"]
+        and not (payload["state"].get("callbacks") or {}).get("RunInfo")
+    )
+
+
+def checkpoint_info(meta: dict[str, Any]) -> CheckpointInfo:
+    """A `CheckpointInfo` from the metadata dict that `RunInfo` and ettin files store."""
+    return CheckpointInfo(
         model_args=ModelArgs(**meta["model_args"]),
         objective=meta["objective"],
         tokenizer=dict(meta.get("tokenizer") or {}),
@@ -382,7 +363,34 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], C
         max_seq_len=meta.get("max_seq_len"),
         hf_config=dict(meta.get("hf_config") or {}),
     )
-    return state, info
+
+
+def ettin_weights(payload: Any, source: str) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
+    """The model state dict and metadata of a loaded ettin file or ettin-written Composer checkpoint."""
+    if isinstance(payload, dict) and payload.get("ettin_format") == ETTIN_FORMAT:
+        return payload["state_dict"], checkpoint_info(payload)
+    if is_foreign(payload):
+        raise CheckpointError(
+            f"{source} is a Composer checkpoint without ettin's RunInfo metadata: ettin's trainer "
+            "did not write it. A reference (FlexBert) checkpoint is read by "
+            "ettin.interop.formats.read_any_checkpoint (what init_from= and `ettin export` use), "
+            "or converted once with `ettin import REF.pt OUT.pt`"
+        )
+    if isinstance(payload, dict) and isinstance(payload.get("state"), dict):
+        state = payload["state"]
+        if "model" in state:
+            return _strip(state["model"]), checkpoint_info(state["callbacks"]["RunInfo"])
+    raise CheckpointError(f"{source} is neither an ettin nor a Composer checkpoint")
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
+    """The model state dict and metadata of a Composer or ettin checkpoint (see `checkpoint_file`).
+
+    A checkpoint in a foreign format is refused, naming the reader that accepts it
+    (`ettin.interop.formats.read_any_checkpoint`).
+    """
+    path, payload = load_payload(path)
+    return ettin_weights(payload, str(path))
 
 
 def load_weights(

@@ -57,15 +57,14 @@ def cmd_sizes(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from ettin.checkpoint import load_checkpoint
-    from ettin.interop import export_hf
+    from ettin.interop import export_hf, load_any_checkpoint
 
     if args.all or args.recipe:
         _export_all(args)
         return
     if not args.out_dir:
         raise UsageError("ettin export CHECKPOINT OUT_DIR: OUT_DIR is missing")
-    model, info = load_checkpoint(args.checkpoint)
+    model, info = load_any_checkpoint(args.checkpoint)  # ours or the reference's
     tokenizer = args.tokenizer or info.tokenizer.get("path")
     out = export_hf(
         model,
@@ -84,13 +83,15 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def _export_all(args: argparse.Namespace) -> None:
     """`ettin export --all RUN_DIR OUT` / `--all --recipe R --runs-root D OUT`: every checkpoint."""
-    from ettin.interop.revisions import INDEX, export_all, export_recipe
+    from ettin.interop.revisions import INDEX, export_all, export_runs
 
     if args.recipe:  # the positionals are then just OUT (given as `checkpoint`)
+        from ettin.recipe import plan
+
         out = args.out_dir or args.checkpoint
-        models = export_recipe(
-            args.recipe, out, runs_root=args.runs_root, overrides=args.set, tokenizer=args.tokenizer
-        )
+        stages = plan(args.recipe, args.set, args.runs_root)
+        runs = [(st.cfg.run_name, Path(st.cfg.run_dir)) for st in stages]
+        models = export_runs(runs, out, tokenizer=args.tokenizer)
         for model, revs in models.items():
             print(f"{model}: {len(revs)} revisions -> {Path(out) / model} ({INDEX})")
         return

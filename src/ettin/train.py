@@ -18,7 +18,6 @@ from ettin.checkpoint import (
     RunInfo,
     load_weights,
     prepare_resume,
-    read_checkpoint,
     state_digest,
 )
 from ettin.config import ConfigError, RunConfig, load_config, to_yaml
@@ -68,9 +67,9 @@ def init_from_checkpoint(model, path: str) -> CheckpointInfo:
             f"init_from={path} does not exist: run the previous stage first "
             "(or `ettin recipe` to run the chain), or point init_from at its checkpoint"
         )
-    import ettin.interop  # noqa: F401  (registers the reference format with read_checkpoint)
+    from ettin.interop.formats import read_any_checkpoint  # ours, or the reference's
 
-    state, info = read_checkpoint(path)
+    state, info = read_any_checkpoint(path)
     load_weights(model, state, source=path)
     if info.model_args.causal != model.args.causal:
         log.info(
@@ -115,171 +114,28 @@ def _loggers(cfg: RunConfig, run_dir: Path) -> list:
 
 
 def build_trainer(cfg: RunConfig):
-    """Everything a run needs, assembled into a Composer Trainer."""
+    """Everything a run needs, assembled into a Composer Trainer (each part by its own builder)."""
     from composer import Trainer
-    from composer.callbacks import LRMonitor
-    from composer.core import Evaluator
-    from composer.utils import dist, get_device, reproducibility
+    from composer.utils import reproducibility
 
-    from ettin.callbacks import (
-        DataOrderRecorder,
-        GradNorm,
-        HFExport,
-        PackingEfficiency,
-        StepRNG,
-        Throughput,
-    )
     from ettin.composer_model import EttinComposerModel
-    from ettin.data import build_dataloader
-    from ettin.flops import flops_per_token
-    from ettin.optim import WarmupStableDecay, build_optimizer
-    from ettin.tokenizer import default_tokenizer_dir, load_tokenizer, tokenizer_fingerprint
+    from ettin.parallel import parallelize
 
     run_dir = Path(cfg.run_dir)
-    on_gpu = torch.cuda.is_available()
-    dist.initialize_dist("gpu" if on_gpu else "cpu")
-    device = get_device("gpu" if on_gpu else "cpu")  # the Trainer's, shared with the FSDP split
-    world, rank = dist.get_world_size(), dist.get_global_rank()  # batch sizes: checked by data
+    device, rank, world = start_distributed()
     reproducibility.seed_all(cfg.seed)
-
-    tokenizer_dir = cfg.tokenizer or str(default_tokenizer_dir())
-    tokenizer = load_tokenizer(tokenizer_dir)
-    model = build_model(cfg, tokenizer)
-    info = CheckpointInfo(
-        model_args=model.args,
-        objective=cfg.objective.name,
-        tokenizer={"path": str(tokenizer_dir), **tokenizer_fingerprint(tokenizer)},
-        max_seq_len=cfg.data.max_seq_len,
-    )
-    objectives = [cfg.objective.name]  # this run's objective and its ancestors', oldest first
-    if cfg.init_from:
-        source = init_from_checkpoint(model, cfg.init_from)
-        objectives = [*source.lineage.get("objectives", [source.objective]), cfg.objective.name]
-        info.lineage = {
-            "init_from": str(cfg.init_from),
-            "init_digest": state_digest(model.state_dict()),
-        }
-    info.lineage["objectives"] = objectives
-    if cfg.activation_checkpointing:  # before torch.compile and FSDP (see ettin.parallel)
-        from ettin.parallel.fsdp import apply_activation_checkpointing
-
-        apply_activation_checkpointing(model)
-    if cfg.compile:  # after activation checkpointing, before FSDP (see ettin.parallel.compile)
-        from ettin.parallel.compile import compile_model
-
-        compile_model(model)
-
-    train = build_dataloader(
-        cfg.data,
-        cfg.objective,
-        tokenizer,
-        split=cfg.data.train_split,
-        global_batch_size=cfg.global_train_batch_size,
-        microbatch_size=cfg.device_train_microbatch_size,
-        rank=rank,
-        world_size=world,
-        seed=cfg.seed,
-        run_dir=run_dir,  # its skip_steps.json (a loss-spike rewind) joins data.skip_steps
-    )
+    tokenizer_dir, tokenizer = run_tokenizer(cfg)
+    model, info = start_model(cfg, tokenizer, tokenizer_dir)
+    parallel = parallelize(model, cfg, device)  # activation checkpointing -> compile -> FSDP
     composer_model = EttinComposerModel(model)
-    evaluators = []
-    if cfg.data.eval_split:
-        eval_spec = build_dataloader(
-            cfg.data,
-            cfg.objective,
-            tokenizer,
-            split=cfg.data.eval_split,
-            global_batch_size=cfg.global_eval_batch_size,
-            microbatch_size=cfg.global_eval_batch_size // world,
-            rank=rank,
-            world_size=world,
-            seed=cfg.seed,
-        )
-        evaluators.append(
-            Evaluator(
-                label="val",
-                dataloader=eval_spec,
-                metric_names=list(composer_model.eval_metrics),
-                subset_num_batches=cfg.eval_subset_num_batches,
-                device_eval_microbatch_size=cfg.device_train_microbatch_size,
-            )
-        )
-
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = WarmupStableDecay(cfg.scheduler)
-
-    callbacks: list = [
-        RunInfo(info),
-        LRMonitor(),
-        Throughput(
-            window=cfg.callbacks.speed_window,
-            flops_per_token_fn=functools.partial(
-                flops_per_token,
-                model.args,
-                mlm_probability=cfg.objective.mlm_probability
-                if cfg.objective.name == "mlm"
-                else 1.0,
-            ),
-        ),
-        PackingEfficiency(interval=cfg.callbacks.speed_window),
-        StepRNG(cfg.seed),  # dropout as a function of (seed, step, rank, microbatch): exact resume
+    train, evaluators = build_data(cfg, tokenizer, list(composer_model.eval_metrics), rank, world)
+    parallel.prepare_dataloaders([train, *(e.dataloader for e in evaluators)])
+    optimizer, scheduler = build_optimization(cfg, model)
+    callbacks = [
+        *build_callbacks(cfg, info),
+        *export_callbacks(cfg, info, tokenizer_dir),
+        *parallel.callbacks,
     ]
-    if cfg.callbacks.grad_norm_interval > 0:
-        callbacks.append(GradNorm(interval=cfg.callbacks.grad_norm_interval))
-    if cfg.callbacks.record_order:
-        callbacks.append(DataOrderRecorder(run_dir / "data_order.parquet"))
-    if cfg.callbacks.loss_spike_window > 0:
-        from ettin.callbacks.loss_spike import LossSpikeGuard
-
-        c = cfg.callbacks
-        callbacks.append(
-            LossSpikeGuard(c.loss_spike_window, c.loss_spike_ratio, c.loss_spike_action, run_dir)
-        )
-    if cfg.save_step0:  # the untrained model as checkpoint ep0-ba0 (a revision step0)
-        from ettin.callbacks.loss_spike import SaveStep0
-
-        callbacks.append(SaveStep0())
-    args = model.args
-    if cfg.callbacks.export_hf and args.causal and args.local_rope_theta != args.global_rope_theta:
-        log.warning(
-            "no HF export at the end of %s: its decoder has local_rope_theta=%g and "
-            "global_rope_theta=%g, and HF ModernBertDecoder (transformers 4.57) applies the "
-            "global theta in every layer; export anyway with `ettin export CHECKPOINT OUT "
-            "--allow-rope-mismatch`",
-            cfg.run_name,
-            args.local_rope_theta,
-            args.global_rope_theta,
-        )
-    elif cfg.callbacks.export_hf:
-        callbacks.append(
-            HFExport(
-                run_dir / "hf",
-                tokenizer_dir=tokenizer_dir,
-                max_seq_len=cfg.data.max_seq_len,
-                objectives=objectives,
-            )
-        )
-
-    precision = cfg.precision if cfg.precision != "auto" else ("amp_bf16" if on_gpu else "fp32")
-    parallelism = None
-    if cfg.parallelism == "fsdp":  # FSDP2 per block + root; see ettin.parallel.fsdp
-        from ettin.parallel.fsdp import (
-            equal_microbatch_split,
-            gloo_average_callback,
-            prepare_fsdp,
-            update_clip_callback,
-        )
-
-        parallelism = prepare_fsdp(
-            model, param_dtype=cfg.fsdp_param_dtype, reduce_dtype=cfg.fsdp_reduce_dtype
-        )
-        callbacks.append(gloo_average_callback())  # CPU runs: gloo's AVG reduce-scatter sums
-        callbacks.append(update_clip_callback())  # optim/update_rms_max, optim/update_clipped
-        # Every rank must run as many forward/backward passes as the others (packing, eval tails).
-        for spec in [train, *(e.dataloader for e in evaluators)]:
-            spec.split_batch = equal_microbatch_split(
-                spec.split_batch, cfg.device_train_microbatch_size, device
-            )
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -297,12 +153,12 @@ def build_trainer(cfg: RunConfig):
         optimizers=optimizer,
         schedulers=scheduler,
         step_schedulers_every_batch=True,
-        precision=precision,
+        precision=run_precision(cfg, device),
         device=device,
         device_train_microbatch_size=cfg.device_train_microbatch_size,
         accumulate_train_batch_on_tokens=True,
-        parallelism_config=parallelism,
-        compile_config=None,  # cfg.compile: the blocks are compiled above (compile_model)
+        parallelism_config=parallel.parallelism_config,
+        compile_config=None,  # cfg.compile: the blocks are compiled by `parallelize`
         seed=cfg.seed,
         deterministic_mode=cfg.deterministic,  # torch deterministic algorithms (+ flash's flag)
         callbacks=callbacks,
@@ -316,6 +172,181 @@ def build_trainer(cfg: RunConfig):
     )
     trainer.ettin_resume = resume  # what autoresume found (read by `train`)
     return trainer
+
+
+def start_distributed() -> tuple[Any, int, int]:
+    """(the Trainer's Composer device, global rank, world size), with the process group started.
+
+    The one device object is shared with the FSDP microbatch split (`ettin.parallel`), so no
+    other `DeviceGPU` is built (each one resets TF32 and `set_device`).
+    """
+    from composer.utils import dist, get_device
+
+    kind = "gpu" if torch.cuda.is_available() else "cpu"
+    dist.initialize_dist(kind)
+    return get_device(kind), dist.get_global_rank(), dist.get_world_size()
+
+
+def run_tokenizer(cfg: RunConfig) -> tuple[str, Any]:
+    """(its folder, the tokenizer) of the run: `cfg.tokenizer`, else the Ettin tokenizer."""
+    from ettin.tokenizer import default_tokenizer_dir, load_tokenizer
+
+    tokenizer_dir = cfg.tokenizer or str(default_tokenizer_dir())
+    return tokenizer_dir, load_tokenizer(tokenizer_dir)
+
+
+def start_model(cfg: RunConfig, tokenizer: Any, tokenizer_dir: str) -> tuple[Any, CheckpointInfo]:
+    """The model the run starts from (fresh, or `init_from`'s weights) and what its checkpoints
+    will say about it: model args, objective, tokenizer fingerprint, length and lineage."""
+    from ettin.tokenizer import tokenizer_fingerprint
+
+    model = build_model(cfg, tokenizer)
+    info = CheckpointInfo(
+        model_args=model.args,
+        objective=cfg.objective.name,
+        tokenizer={"path": str(tokenizer_dir), **tokenizer_fingerprint(tokenizer)},
+        max_seq_len=cfg.data.max_seq_len,
+    )
+    objectives = [cfg.objective.name]  # this run's objective and its ancestors', oldest first
+    if cfg.init_from:
+        source = init_from_checkpoint(model, cfg.init_from)
+        objectives = [*source.lineage.get("objectives", [source.objective]), cfg.objective.name]
+        info.lineage = {
+            "init_from": str(cfg.init_from),
+            "init_digest": state_digest(model.state_dict()),
+        }
+    info.lineage["objectives"] = objectives
+    return model, info
+
+
+def build_data(
+    cfg: RunConfig, tokenizer: Any, metric_names: list[str], rank: int, world: int
+) -> tuple[Any, list[Any]]:
+    """(the train DataSpec, the evaluators): this rank's slice of the run's data order."""
+    from composer.core import Evaluator
+
+    from ettin.data import build_dataloader
+
+    train = build_dataloader(
+        cfg.data,
+        cfg.objective,
+        tokenizer,
+        split=cfg.data.train_split,
+        global_batch_size=cfg.global_train_batch_size,
+        microbatch_size=cfg.device_train_microbatch_size,
+        rank=rank,
+        world_size=world,
+        seed=cfg.seed,
+        run_dir=Path(
+            cfg.run_dir
+        ),  # its skip_steps.json (a loss-spike rewind) joins data.skip_steps
+    )
+    if not cfg.data.eval_split:
+        return train, []
+    eval_spec = build_dataloader(
+        cfg.data,
+        cfg.objective,
+        tokenizer,
+        split=cfg.data.eval_split,
+        global_batch_size=cfg.global_eval_batch_size,
+        microbatch_size=cfg.global_eval_batch_size // world,
+        rank=rank,
+        world_size=world,
+        seed=cfg.seed,
+    )
+    evaluator = Evaluator(
+        label="val",
+        dataloader=eval_spec,
+        metric_names=metric_names,
+        subset_num_batches=cfg.eval_subset_num_batches,
+        device_eval_microbatch_size=cfg.device_train_microbatch_size,
+    )
+    return train, [evaluator]
+
+
+def build_optimization(cfg: RunConfig, model: Any) -> tuple[Any, Any]:
+    """(StableAdamW over the reference's parameter groups, the warmup-stable-decay schedule)."""
+    from ettin.optim import WarmupStableDecay, build_optimizer
+
+    return build_optimizer(model, cfg.optim), WarmupStableDecay(cfg.scheduler)
+
+
+def build_callbacks(cfg: RunConfig, info: CheckpointInfo) -> list[Any]:
+    """The run's callbacks: its metadata in every checkpoint, the monitors, the guards."""
+    from composer.callbacks import LRMonitor
+
+    from ettin.callbacks import DataOrderRecorder, GradNorm, PackingEfficiency, StepRNG, Throughput
+    from ettin.flops import flops_per_token
+
+    run_dir, c = Path(cfg.run_dir), cfg.callbacks
+    mlm = cfg.objective.name == "mlm"
+    callbacks: list[Any] = [
+        RunInfo(info),
+        LRMonitor(),
+        Throughput(
+            window=c.speed_window,
+            flops_per_token_fn=functools.partial(
+                flops_per_token,
+                info.model_args,
+                mlm_probability=cfg.objective.mlm_probability if mlm else 1.0,
+            ),
+        ),
+        PackingEfficiency(interval=c.speed_window),
+        StepRNG(cfg.seed),  # dropout as a function of (seed, step, rank, microbatch): exact resume
+    ]
+    if c.grad_norm_interval > 0:
+        callbacks.append(GradNorm(interval=c.grad_norm_interval))
+    if c.record_order:
+        callbacks.append(DataOrderRecorder(run_dir / "data_order.parquet"))
+    if c.loss_spike_window > 0:
+        from ettin.callbacks.loss_spike import LossSpikeGuard
+
+        callbacks.append(
+            LossSpikeGuard(c.loss_spike_window, c.loss_spike_ratio, c.loss_spike_action, run_dir)
+        )
+    if cfg.save_step0:  # the untrained model as checkpoint ep0-ba0 (a revision step0)
+        from ettin.callbacks.loss_spike import SaveStep0
+
+        callbacks.append(SaveStep0())
+    return callbacks
+
+
+def export_callbacks(cfg: RunConfig, info: CheckpointInfo, tokenizer_dir: str) -> list[Any]:
+    """The HF export at the end of the run (`callbacks.export_hf`), or none, with the reason.
+
+    A decoder whose local and global RoPE thetas differ is not exported: HF's ModernBertDecoder
+    (transformers 4.57) applies the global theta in every layer and would compute another model.
+    """
+    from ettin.callbacks import HFExport
+
+    args = info.model_args
+    if not cfg.callbacks.export_hf:
+        return []
+    if args.causal and args.local_rope_theta != args.global_rope_theta:
+        log.warning(
+            "no HF export at the end of %s: its decoder has local_rope_theta=%g and "
+            "global_rope_theta=%g, and HF ModernBertDecoder (transformers 4.57) applies the "
+            "global theta in every layer; export anyway with `ettin export CHECKPOINT OUT "
+            "--allow-rope-mismatch`",
+            cfg.run_name,
+            args.local_rope_theta,
+            args.global_rope_theta,
+        )
+        return []
+    export = HFExport(
+        Path(cfg.run_dir) / "hf",
+        tokenizer_dir=tokenizer_dir,
+        max_seq_len=cfg.data.max_seq_len,
+        objectives=info.lineage["objectives"],
+    )
+    return [export]
+
+
+def run_precision(cfg: RunConfig, device: Any) -> str:
+    """`cfg.precision`, with "auto" as amp_bf16 on a GPU and fp32 on the CPU."""
+    if cfg.precision != "auto":
+        return cfg.precision
+    return "amp_bf16" if device.name == "gpu" else "fp32"
 
 
 def _checkpoint_args(cfg: RunConfig, run_dir: Path, rank: int) -> tuple[dict, ResumePoint | None]:

@@ -11,8 +11,8 @@ format: it converts state dicts and configs and knows nothing of trainers.
 - `read_reference(path)`: weights under our names, `ModelArgs` from the FlexBertConfig (a decoder
   gets the reference's causal window), the optimiser moments per parameter, the timestamp, the
   tokenizer files.
-- `reference_weights(payload)`: registered with `ettin.checkpoint` (`REFERENCE_FORMAT`), so
-  `init_from=ref.pt` and `ettin export ref.pt` accept a reference checkpoint as is.
+- `reference_weights(payload)`: what `ettin.interop.formats.read_any_checkpoint` returns for a
+  reference checkpoint, so `init_from=ref.pt` and `ettin export ref.pt` accept one as is.
 - `load_optimizer_state(optimizer, model, ref)`: the reference's StableAdamW state as
   torch-optimi StableAdamW state (what is equivalent; what is dropped is said, `OPTIMIZER_MAP`).
 
@@ -39,14 +39,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ettin.checkpoint import CheckpointError, CheckpointFormat, register_format
+from ettin.errors import CheckpointError
 from ettin.model import ModelArgs
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "OPTIMIZER_MAP",
-    "REFERENCE_FORMAT",
     "ReferenceCheckpoint",
     "ReferenceFormatError",
     "ettin_name",
@@ -599,9 +598,3 @@ def reference_weights(payload: dict[str, Any], source: str) -> tuple[dict[str, T
         "hf_config": {},
     }
     return ref.state, meta
-
-
-REFERENCE_FORMAT = CheckpointFormat(
-    name="reference FlexBert", recognises=is_reference_state, convert=reference_weights
-)
-register_format(REFERENCE_FORMAT)

@@ -112,8 +112,8 @@ def export_all(
     An existing `revisions.json` in `out_dir` is merged (a recipe chain's phases share one
     model folder); a revision already exported with the same weights digest is not rewritten.
     """
-    from ettin.checkpoint import load_weights, read_checkpoint, state_digest
-    from ettin.interop import export_hf
+    from ettin.checkpoint import load_weights, state_digest
+    from ettin.interop import export_hf, read_any_checkpoint
     from ettin.model import EttinModel
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -128,7 +128,7 @@ def export_all(
     done: list[Revision] = []
     for batch, path in checkpoints:
         name = f"{PREFIX[phase]}{batch}"
-        state, info = read_checkpoint(path)
+        state, info = read_any_checkpoint(path)  # a reference run's too
         digest = state_digest(state)
         stamp = _timestamp(path)
         rev = Revision(
@@ -165,33 +165,26 @@ def export_all(
     return done
 
 
-def export_recipe(
-    recipe: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    *,
-    runs_root: str | None = None,
-    overrides: list[str] | None = None,
-    tokenizer: str | None = None,
+def export_runs(
+    runs: list[tuple[str, Path]], out_dir: str | os.PathLike, *, tokenizer: str | None = None
 ) -> dict[str, list[Revision]]:
-    """`export_all` for every stage of a recipe: `out_dir/<model>/<revision>/` per model.
+    """`export_all` for each (run name, run folder), e.g. a recipe's stages: `out_dir/<model>/`.
 
     A model is a run family (`encoder-17m` with its `-extension` and `-decay` stages); each
-    cross-objective run is its own model. Stages without checkpoints are skipped (logged).
+    cross-objective run is its own model. Runs without checkpoints are skipped (logged).
     """
-    from ettin.recipe import plan
-
     out: dict[str, list[Revision]] = {}
-    for stage in plan(recipe, overrides, runs_root):
-        run_dir = Path(stage.cfg.run_dir)
+    for run_name, run_dir in runs:
         if not _checkpoints(run_dir):
             log.warning("%s: no checkpoint yet, skipped", run_dir)
             continue
-        model = model_name(stage.cfg.run_name)
+        model = model_name(run_name)
         out.setdefault(model, []).extend(
             export_all(run_dir, Path(out_dir) / model, tokenizer=tokenizer)
         )
     if not out:
-        raise CheckpointError(f"no stage of {recipe} has a checkpoint under its run folder")
+        names = ", ".join(name for name, _ in runs)
+        raise CheckpointError(f"none of the runs {names} has a checkpoint under its run folder")
     return out
 
 
