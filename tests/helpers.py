@@ -406,3 +406,81 @@ class TrainingDevice:
     def tensor_to_device(self, tensor: Any) -> Any:
         self.moved.append(tensor.clone())
         return self.moved[-1]
+
+
+def scale_corpus(speeches: Sequence[Path], root: Path) -> dict[str, Path]:
+    """Three sources cut from real speeches, in every shape `ettin prep` must read the same.
+
+    `long`: jsonl.zst in two files with ids; `notes`: jsonl.gz paragraphs *without* ids (some
+    empty); `plain`: text files (read with `max_docs`). Deterministic for a fixed list of files.
+    """
+    import gzip
+
+    import zstandard
+
+    texts = [p.read_text(encoding="utf-8") for p in speeches]
+    long_dir, notes_dir, plain_dir = root / "long", root / "notes" / "sub", root / "plain"
+    for d in (long_dir, notes_dir, plain_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    for f in range(2):
+        lines = [
+            json.dumps({"id": f"speech-{i}", "text": t})
+            for i, t in enumerate(texts)
+            if i % 2 == f
+        ]
+        raw = ("\n".join(lines) + "\n").encode()
+        (long_dir / f"part-{f}.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(raw))
+    paragraphs = [p for t in texts[:4] for p in t.split("\n\n")][:300]
+    for f in range(3):
+        rows = [json.dumps({"text": p, "n": i}) for i, p in enumerate(paragraphs) if i % 3 == f]
+        rows.insert(1, json.dumps({"text": ""}))
+        with gzip.open(notes_dir / f"n{f}.jsonl.gz", "wt", encoding="utf-8") as fh:
+            fh.write("\n".join(rows) + "\n")
+    for i, t in enumerate(texts[:6]):
+        (plain_dir / f"{i:02d}.txt").write_text(t[: 2000 + 500 * i], encoding="utf-8")
+    return {"long": root / "long", "notes": root / "notes", "plain": plain_dir}
+
+
+def scale_mixture(
+    sources: dict[str, Path], tokenizer: Path, *, compression: str | None, shard_size: str
+) -> dict:
+    """A mixture with validation, upsampling, backfill, a source without ids and `.zst` input."""
+    return {
+        "tokenizer": str(tokenizer),
+        "compression": compression,
+        "shard_size": shard_size,
+        "split_seed": 3,
+        "sources": {
+            "long": {"path": str(sources["long"]), "format": "jsonl"},
+            "notes": {"path": str(sources["notes"]), "format": "jsonl", "id_field": "id"},
+            "plain": {"path": str(sources["plain"]), "format": "text", "max_docs": 4},
+        },
+        "phases": {
+            "short": {
+                "context_length": 256,
+                "tokens": 900_000,
+                "val_fraction": 0.1,
+                "seed": 5,
+                "mix": {"long": {"weight": 2}, "notes": {"weight": 1}, "plain": {"tokens": 20_000}},
+            },
+            "long": {
+                "context_length": 1024,
+                "val_fraction": 0.2,
+                "seed": 6,
+                "min_chunk_tokens": 64,
+                "backfill_below": 300,
+                "mix": {"long": {}, "plain": {}},
+            },
+        },
+    }
+
+
+def tree_sha1(root: Path) -> dict[str, str]:
+    """sha1 of every file under `root`, by relative path."""
+    import hashlib
+
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
