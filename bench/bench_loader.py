@@ -63,7 +63,7 @@ def _write_corpus(root: Path, tok, n: int) -> None:
     from streaming import MDSWriter
 
     from ettin.objectives import token_sets
-    from ettin.prep.pipeline import MDS_COLUMNS, SHARD_HASHES
+    from ettin.prep.job import MDS_COLUMNS, SHARD_HASHES
     from ettin.tokenizer import tokenizer_fingerprint
 
     rng = np.random.default_rng(0)

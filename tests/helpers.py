@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from ettin.prep.pipeline import MDS_COLUMNS as COLUMNS
-from ettin.prep.pipeline import SHARD_HASHES
+from ettin.prep.job import MDS_COLUMNS as COLUMNS
+from ettin.prep.job import SHARD_HASHES
 
 BERT_SPECIALS = ("[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]")
 """The special tokens of the test tokenizers, each with its role (`unk_token`, `cls_token`, ...)."""
@@ -424,9 +424,7 @@ def scale_corpus(speeches: Sequence[Path], root: Path) -> dict[str, Path]:
         d.mkdir(parents=True, exist_ok=True)
     for f in range(2):
         lines = [
-            json.dumps({"id": f"speech-{i}", "text": t})
-            for i, t in enumerate(texts)
-            if i % 2 == f
+            json.dumps({"id": f"speech-{i}", "text": t}) for i, t in enumerate(texts) if i % 2 == f
         ]
         raw = ("\n".join(lines) + "\n").encode()
         (long_dir / f"part-{f}.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(raw))
@@ -442,9 +440,13 @@ def scale_corpus(speeches: Sequence[Path], root: Path) -> dict[str, Path]:
 
 
 def scale_mixture(
-    sources: dict[str, Path], tokenizer: Path, *, compression: str | None, shard_size: str
+    sources: dict[str, Path], tokenizer: str | Path, *, compression: str | None, shard_size: str
 ) -> dict:
-    """A mixture with validation, upsampling, backfill, a source without ids and `.zst` input."""
+    """A mixture with validation, upsampling, backfill, a source without ids and `.zst` input.
+
+    With relative source paths and the `ettin` tokenizer, meta.json names nothing of this machine,
+    so the files are the same everywhere (`tests/golden/prep_scale.json`).
+    """
     return {
         "tokenizer": str(tokenizer),
         "compression": compression,

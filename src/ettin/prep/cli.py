@@ -8,23 +8,43 @@ from pathlib import Path
 
 
 def cmd_prep(args: argparse.Namespace) -> None:
+    from ettin.errors import UsageError
     from ettin.prep.pipeline import prep
 
+    slurm = None
+    if args.engine == "slurm":
+        if not args.partition:
+            raise UsageError("--engine slurm needs --partition (the SLURM partition to run on)")
+        sbatch = dict(kv.split("=", 1) if "=" in kv else (kv, "") for kv in args.sbatch or [])
+        slurm = {
+            "partition": args.partition, "cpus_per_task": args.cpus_per_task,
+            "mem_per_cpu_gb": args.mem_per_cpu_gb, "time": args.time,
+            "env_command": args.env_command, "sbatch_args": sbatch,
+        }  # fmt: skip
+    elif args.partition:
+        raise UsageError("--partition is for --engine slurm")
     t0 = time.perf_counter()
     result = prep(
         args.mixture,
         args.out,
         phases=args.phases,
-        num_proc=args.num_proc,
+        workers=args.workers,
         tokenizer=args.tokenizer,
         verbose=not args.quiet,
+        engine=args.engine,
+        tasks=args.tasks,
+        work=args.work,
+        keep_work=args.keep_work,
+        slurm=slurm,
     )
+    if args.engine == "slurm":
+        return
     seconds = time.perf_counter() - t0
     base = str(result.out).rstrip("/")
-    print(
-        f"wrote {', '.join(f'{base}/{p}' for p in result.stats)} in {seconds:.1f} s "
-        f"({result.tokens_read / max(result.timings['tokenize'], 1e-9):,.0f} tokens/s tokenizing)"
-    )
+    rate = ""
+    if "tokenize" in result.timings:
+        rate = f" ({result.tokens_read / max(result.timings['tokenize'], 1e-9):,.0f} tokens/s tokenizing)"
+    print(f"wrote {', '.join(f'{base}/{p}' for p in result.stats)} in {seconds:.1f} s{rate}")
 
 
 def cmd_tokenizer_build(args: argparse.Namespace) -> None:
@@ -68,18 +88,60 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "sample each phase to its token budget and write MDS shards to OUT/<phase>/{train,val}/ "
             "with stats.json and meta.json. Same inputs and seeds give byte-identical shards."
         ),
-        epilog="example: ettin prep data_prep/sotu.yaml --out data/sotu --num-proc 4",
+        epilog="examples: `ettin prep data_prep/sotu.yaml --out data/sotu --workers 4`; on a "
+        "cluster: `ettin prep data_prep/ettin-phase1.yaml --out /shared/ettin --engine slurm "
+        "--tasks 512 --partition cpu` (see README, Data)",
     )
     p.add_argument("mixture", help="mixture file, e.g. data_prep/sotu.yaml")
     p.add_argument(
         "--out",
         required=True,
         help="output folder (one subfolder per phase), or a remote URL (s3://bucket/prefix, "
-        "gs://...): written locally, then uploaded",
+        "gs://...): staged in the work folder, then uploaded",
     )
     p.add_argument("--phases", nargs="+", metavar="PHASE", help="only these phases (default: all)")
     p.add_argument(
-        "--num-proc", type=int, default=1, metavar="N", help="tokenizer processes (default 1)"
+        "--workers",
+        "--num-proc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="processes at a time on this machine (default 1; --num-proc is the old name)",
+    )
+    p.add_argument(
+        "--engine",
+        choices=("local", "datatrove", "slurm"),
+        default="local",
+        help="who runs the tasks: local (a process pool, default), datatrove (its local "
+        "executor: --tasks, --workers) or slurm (dependent job arrays); datatrove and slurm "
+        "need pip install -e '.[scale]'. Every engine writes the same bytes",
+    )
+    p.add_argument(
+        "--tasks",
+        type=int,
+        metavar="N",
+        help="datatrove/slurm: ranks per stage (default --workers)",
+    )
+    p.add_argument(
+        "--work",
+        metavar="DIR",
+        help="work folder for token parts, plan and shards (default OUT/.prep-work; for slurm, "
+        "storage every node reads). A failed run leaves it and the same command resumes",
+    )
+    p.add_argument("--keep-work", action="store_true", help="keep the work folder after success")
+    sl = p.add_argument_group("slurm (--engine slurm)")
+    sl.add_argument("--partition", metavar="P", help="SLURM partition (required for slurm)")
+    sl.add_argument("--cpus-per-task", type=int, default=1, metavar="C", help="default 1")
+    sl.add_argument("--mem-per-cpu-gb", type=int, default=2, metavar="G", help="default 2")
+    sl.add_argument("--time", default="24:00:00", help="time limit per task (default 24:00:00)")
+    sl.add_argument(
+        "--env-command",
+        metavar="CMD",
+        help="shell line that sets up ettin's environment in each job (default: activate this "
+        "virtualenv)",
+    )
+    sl.add_argument(
+        "--sbatch", action="append", metavar="KEY=VALUE", help="extra #SBATCH directive (repeat)"
     )
     p.add_argument(
         "--tokenizer",

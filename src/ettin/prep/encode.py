@@ -1,17 +1,11 @@
-"""Batched document encoding, in this process or in a pool of worker processes.
+"""Batched document encoding with the fast tokenizer's own Rust backend.
 
-Workers receive the fast tokenizer's own Rust backend (serialised `tokenizer.json`), so
-they encode exactly as the transformers tokenizer does, post-processor included, without
-importing transformers or torch. Results come back in input order whatever `num_proc` is.
-This module stays light on imports because spawned workers import it.
+Tokenize tasks receive the serialised `tokenizer.json` (kept in the prep work folder), so they
+encode exactly as the transformers tokenizer does, post-processor included, without importing
+transformers or torch. This module stays light on imports because every task imports it.
 """
 
 from __future__ import annotations
-
-import multiprocessing as mp
-import os
-from collections import deque
-from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -44,63 +38,3 @@ class BodyEncoder:
         arrays = [np.asarray(b, dtype=np.uint32) for b in bodies]
         flat = np.concatenate(arrays) if arrays else np.zeros(0, np.uint32)
         return flat, lengths
-
-
-_WORKER: BodyEncoder | None = None
-
-
-def _init_worker(tokenizer_json: str, cls_id: int, sep_id: int) -> None:
-    global _WORKER
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism
-    _WORKER = BodyEncoder(tokenizer_json, cls_id, sep_id)
-
-
-def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    assert _WORKER is not None
-    return _WORKER(texts)
-
-
-class BatchEncoder:
-    """Encodes batches of texts in input order, in this process or in `num_proc` workers.
-
-    With `num_proc > 1` a spawn-context Pool is started once and reused for every source;
-    at most `4 * num_proc` batches are in flight, so reading never runs far ahead of encoding.
-    Use as a context manager (the pool is closed on exit).
-    """
-
-    def __init__(self, tokenizer_json: str, cls_id: int, sep_id: int, num_proc: int = 1) -> None:
-        self.num_proc = max(1, num_proc)
-        self._local: BodyEncoder | None = None
-        self._pool = None
-        if self.num_proc == 1:
-            self._local = BodyEncoder(tokenizer_json, cls_id, sep_id)
-        else:
-            ctx = mp.get_context("spawn")
-            self._pool = ctx.Pool(self.num_proc, _init_worker, (tokenizer_json, cls_id, sep_id))
-
-    def map(self, batches: Iterable[list[str]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """`(flat bodies uint32, body lengths int64)` per batch, in input order."""
-        if self._local is not None:
-            for texts in batches:
-                yield self._local(texts)
-            return
-        assert self._pool is not None
-        pending: deque = deque()
-        for texts in batches:
-            pending.append(self._pool.apply_async(_encode_in_worker, (texts,)))
-            if len(pending) >= 4 * self.num_proc:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
-            self._pool = None
-
-    def __enter__(self) -> BatchEncoder:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

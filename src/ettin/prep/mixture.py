@@ -173,10 +173,3 @@ def load_mixture(path: str | os.PathLike) -> Mixture:
     if not path.is_file():
         raise PrepError(f"mixture file {path} not found (see data_prep/ for examples)")
     return parse_mixture(OmegaConf.load(path), str(path))
-
-
-def mixture_to_dict(mixture: Mixture) -> dict:
-    """A plain dict of the validated mixture (for `meta.json`)."""
-    from dataclasses import asdict
-
-    return asdict(mixture)

@@ -59,57 +59,52 @@ def _record_id(record: dict, id_field: str | None, fallback: str) -> str:
 
 
 def read_jsonl(
-    path: Path, *, text_field: str = "text", id_field: str | None = "id", glob: str | None = None
+    file: Path, rel: str, *, text_field: str = "text", id_field: str | None = "id"
 ) -> Iterator[tuple[str, str]]:
-    """Documents from JSON Lines files; blank lines are skipped."""
-    for file in list_files(path, (glob,) if glob else DEFAULT_GLOBS["jsonl"]):
-        rel = _rel(file, path)
-        with _open_text(file) as fh:
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise PrepError(f"{file}:{lineno}: not valid JSON ({err})") from err
-                if not isinstance(record, dict) or text_field not in record:
-                    keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                    raise PrepError(
-                        f"{file}:{lineno}: no {text_field!r} field (found {keys}); set "
-                        f"`text_field` on this source in the mixture file"
-                    )
-                yield _record_id(record, id_field, f"{rel}:{lineno}"), str(record[text_field])
+    """Documents of one JSON Lines file (ids default to `<rel>:<line>`); blank lines are skipped."""
+    with _open_text(file) as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise PrepError(f"{file}:{lineno}: not valid JSON ({err})") from err
+            if not isinstance(record, dict) or text_field not in record:
+                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise PrepError(
+                    f"{file}:{lineno}: no {text_field!r} field (found {keys}); set "
+                    f"`text_field` on this source in the mixture file"
+                )
+            yield _record_id(record, id_field, f"{rel}:{lineno}"), str(record[text_field])
 
 
 def read_parquet(
-    path: Path, *, text_field: str = "text", id_field: str | None = "id", glob: str | None = None
+    file: Path, rel: str, *, text_field: str = "text", id_field: str | None = "id"
 ) -> Iterator[tuple[str, str]]:
-    """Documents from the `text_field` column of Parquet files, in row order."""
+    """Documents from the `text_field` column of one Parquet file, in row order."""
     import pyarrow.parquet as pq
 
-    for file in list_files(path, (glob,) if glob else DEFAULT_GLOBS["parquet"]):
-        rel = _rel(file, path)
-        pf = pq.ParquetFile(file)
-        names = pf.schema_arrow.names
-        if text_field not in names:
-            raise PrepError(
-                f"{file}: no column {text_field!r} (columns: {names}); set `text_field` on this "
-                f"source in the mixture file"
-            )
-        columns = [text_field] + ([id_field] if id_field and id_field in names else [])
-        row = 0
-        for batch in pf.iter_batches(columns=columns, batch_size=1024):
-            texts = batch.column(text_field).to_pylist()
-            ids = batch.column(id_field).to_pylist() if len(columns) > 1 else [None] * len(texts)
-            for text, doc_id in zip(texts, ids):
-                yield (f"{rel}:{row}" if doc_id is None else str(doc_id)), text or ""
-                row += 1
+    pf = pq.ParquetFile(file)
+    names = pf.schema_arrow.names
+    if text_field not in names:
+        raise PrepError(
+            f"{file}: no column {text_field!r} (columns: {names}); set `text_field` on this "
+            f"source in the mixture file"
+        )
+    columns = [text_field] + ([id_field] if id_field and id_field in names else [])
+    row = 0
+    for batch in pf.iter_batches(columns=columns, batch_size=1024):
+        texts = batch.column(text_field).to_pylist()
+        ids = batch.column(id_field).to_pylist() if len(columns) > 1 else [None] * len(texts)
+        for text, doc_id in zip(texts, ids):
+            yield (f"{rel}:{row}" if doc_id is None else str(doc_id)), text or ""
+            row += 1
 
 
-def read_text(path: Path, *, glob: str | None = None) -> Iterator[tuple[str, str]]:
-    """One document per file; the id is the path relative to `path`."""
-    for file in list_files(path, (glob,) if glob else DEFAULT_GLOBS["text"]):
-        yield _rel(file, path), file.read_text(encoding="utf-8", errors="replace")
+def read_text(file: Path, rel: str) -> Iterator[tuple[str, str]]:
+    """One document per file; the id is its path relative to the source (`rel`)."""
+    yield rel, file.read_text(encoding="utf-8", errors="replace")
 
 
 def read_hf_disk(
@@ -141,6 +136,43 @@ def read_hf_disk(
             row += 1
 
 
+def source_files(path: str | os.PathLike, fmt: str, glob: str | None = None) -> list[Path]:
+    """The files a source reads, in reading order (for `hf_disk`, the dataset folder itself)."""
+    path = Path(path)
+    if fmt not in FORMATS:
+        raise PrepError(f"{path}: unknown format {fmt!r}; valid formats: {', '.join(FORMATS)}")
+    if not path.exists():
+        raise PrepError(f"source path {path} does not exist")
+    if fmt == "hf_disk":
+        return [path]
+    return list_files(path, (glob,) if glob else DEFAULT_GLOBS[fmt])
+
+
+def read_files(
+    root: str | os.PathLike,
+    files: list[Path],
+    fmt: str,
+    *,
+    text_field: str = "text",
+    id_field: str | None = "id",
+    split: str = "train",
+) -> Iterator[tuple[str, str]]:
+    """`(doc_id, text)` pairs of `files` (some of `source_files(root, ...)`), in order.
+
+    Ids a record lacks are made of the file's path relative to `root`, so reading the files of
+    a source in several parts gives the same ids as reading them in one go.
+    """
+    root = Path(root)
+    for file in files:
+        if fmt == "hf_disk":
+            yield from read_hf_disk(file, text_field=text_field, id_field=id_field, split=split)
+        elif fmt == "text":
+            yield from read_text(file, _rel(file, root))
+        else:
+            read = read_jsonl if fmt == "jsonl" else read_parquet
+            yield from read(file, _rel(file, root), text_field=text_field, id_field=id_field)
+
+
 def read_documents(
     path: str | os.PathLike,
     fmt: str,
@@ -151,15 +183,5 @@ def read_documents(
     split: str = "train",
 ) -> Iterator[tuple[str, str]]:
     """`(doc_id, text)` pairs from `path` in format `fmt` (one of `FORMATS`)."""
-    path = Path(path)
-    if fmt not in FORMATS:
-        raise PrepError(f"{path}: unknown format {fmt!r}; valid formats: {', '.join(FORMATS)}")
-    if not path.exists():
-        raise PrepError(f"source path {path} does not exist")
-    if fmt == "jsonl":
-        return read_jsonl(path, text_field=text_field, id_field=id_field, glob=glob)
-    if fmt == "parquet":
-        return read_parquet(path, text_field=text_field, id_field=id_field, glob=glob)
-    if fmt == "text":
-        return read_text(path, glob=glob)
-    return read_hf_disk(path, text_field=text_field, id_field=id_field, split=split)
+    files = source_files(path, fmt, glob)
+    return read_files(path, files, fmt, text_field=text_field, id_field=id_field, split=split)
