@@ -20,7 +20,8 @@ from transformers import AutoTokenizer
 from ettin.errors import PrepError
 from ettin.prep.chunking import ChunkRules, chunk_document, chunk_spans
 from ettin.prep.mixture import load_mixture, parse_mixture
-from ettin.prep.pipeline import holdout_documents, prep, sample_to_budget, source_targets
+from ettin.prep.pipeline import prep
+from ettin.prep.plan import holdout_documents, sample_to_budget, source_targets
 from ettin.prep.readers import read_documents
 
 REPO = Path(__file__).resolve().parents[1]
@@ -393,7 +394,7 @@ def prepared(speeches, tokenizer_dir, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("prep")
     mixture = _write_mixture(root / "mix.yaml", speeches, tokenizer_dir)
-    result = prep(mixture, root / "one", num_proc=1, verbose=False)
+    result = prep(mixture, root / "one", workers=1, verbose=False)
     main(["prep", str(mixture), "--out", str(root / "two"), "--num-proc", "2", "--quiet"])
     return root, result
 
@@ -484,7 +485,9 @@ def test_phases_hold_out_the_same_documents(prepared):
     assert held[0] == held[1] and len(held[0]) == 1
 
 
-def test_interrupted_prep_leaves_previous_output(prepared, speeches, tokenizer_dir, monkeypatch):
+def test_interrupted_prep_leaves_previous_output_and_resumes(
+    prepared, speeches, tokenizer_dir, monkeypatch
+):
     from streaming import MDSWriter
 
     root, _ = prepared
@@ -509,7 +512,27 @@ def test_interrupted_prep_leaves_previous_output(prepared, speeches, tokenizer_d
         k: v for k, v in before.items() if k.startswith("long/")
     }
     assert after["short/stats.json"] != before["short/stats.json"]
-    assert sorted(p.name for p in out.iterdir()) == ["long", "short"]  # no temp folders left
+    # the work folder stays for a resume; nothing half-written is marked done
+    work = out / ".prep-work"
+    assert sorted(p.name for p in out.iterdir()) == [".prep-work", "long", "short"]
+    assert (work / "done" / "short.json").is_file() and not (work / "done" / "long.json").exists()
+    assert not list((work / "shards" / "long").rglob("shard.*.json"))
+    monkeypatch.setattr(MDSWriter, "write", real_write)
+    from ettin.prep.encode import BodyEncoder
+
+    encoded = []
+    real_call = BodyEncoder.__call__
+    monkeypatch.setattr(
+        BodyEncoder, "__call__", lambda self, t: encoded.append(1) or real_call(self, t)
+    )
+    prep(mixture, out, verbose=False)  # the same command resumes: nothing is tokenized again
+    assert not encoded
+    assert sorted(p.name for p in out.iterdir()) == ["long", "short"]
+    assert _tree(out)["short/stats.json"] == after["short/stats.json"]
+    fresh = root / "fresh"
+    prep(mixture, fresh, verbose=False)
+    assert _tree(out) == _tree(fresh)  # resumed == from scratch, byte for byte
+    assert encoded  # (the fresh run did encode: the counter counts)
 
 
 def test_prep_bad_inputs(tmp_path, speeches, tokenizer_dir):
@@ -543,3 +566,14 @@ def test_prep_bad_inputs(tmp_path, speeches, tokenizer_dir):
     with pytest.raises(PrepError, match=r"tokenizer '.*nocls': the tokenizer has no CLS token"):
         run(mixture, tokenizer=str(tmp_path / "nocls"))
     assert not (tmp_path / "out" / "short").exists()
+
+
+def test_star_import_gives_every_public_name():
+    import subprocess
+
+    code = "from ettin.prep import *; import ettin.prep as p; print(len([getattr(p, n) for n in p.__all__]))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    import ettin.prep
+
+    assert int(done.stdout) == len(ettin.prep.__all__) >= 20
