@@ -100,12 +100,12 @@ def _units(name: str, src: SourceConfig, unit_bytes: int) -> list[dict]:
 
 def _check_shard_size(mix: Mixture, phases: list[str], where: str) -> None:
     """Every shard must hold at least one chunk of C tokens (MDSWriter would write empty ones)."""
-    from streaming.base.util import bytes_to_int
+    from ettin.prep.plan import shard_header
 
-    limit = bytes_to_int(mix.shard_size)
+    limit, header = shard_header(mix)
     for p in phases:
         c = mix.phases[p].context_length
-        need = 4 * c + 2048  # the tokens, their header and room for the id, source and shard header
+        need = header + 4 * c + 128  # a shard's header, the tokens, room for id and source
         if limit < need:
             raise PrepError(
                 f"{where}: `shard_size: {mix.shard_size}` cannot hold one chunk of phase {p!r} "
