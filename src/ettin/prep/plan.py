@@ -19,7 +19,8 @@ Output in `<work>/plan/<phase>/`: `<split>.samples.npy` (a record per sample: so
 start, length, chunk number, copy), `<split>.cuts.npy` (shard k is samples cuts[k]:cuts[k+1]),
 `<split>.bytes.npy` (each shard's size, checked by its writer), and `plan.json` (stats.json and
 meta.json but for the largest token id, which the writers find): the marker, written last.
-Memory: about 20 bytes per chunk plus 10 per sample of the largest split (`bench/bench_prep.py`).
+Memory: 10 bytes per chunk (the chunk tables), 1 per document, 5 per sample planned and 4 more
+per sample of the largest split (its shuffle): 20 B per chunk at 100M chunks (`bench/bench_prep.py`).
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ SAMPLE = np.dtype(
     [("src", "u1"), ("unit", "<i4"), ("row", "<i8"), ("start", "<i4"), ("length", "<i4"),
      ("number", "<i4"), ("copy", "<i4")]
 )  # fmt: skip
-BLOCK = 1 << 20
-"""Samples gathered, sized and written per step (bounds the planner's temporaries)."""
+BLOCK = 1 << 18
+"""Items gathered, sized and written per step (bounds the planner's temporaries)."""
 
 
 def _rng(seed: int, purpose: int, name: str = "") -> np.random.Generator:
@@ -63,6 +64,19 @@ def permutation(rng: np.random.Generator, n: int) -> np.ndarray:
     return out
 
 
+def _first_reaching(values: np.ndarray, order: np.ndarray, want: float) -> int:
+    """`np.searchsorted(np.cumsum(values[order]), want)`: the first position whose prefix sum
+    reaches `want` (`len(order)` if none), summed a block at a time (no int64 array of n)."""
+    acc = 0
+    for b in range(0, len(order), BLOCK):
+        cum = np.cumsum(values[order[b : b + BLOCK]], dtype=np.int64)
+        cum += acc
+        if cum[-1] >= want:
+            return b + int(np.searchsorted(cum, want, side="left"))
+        acc = int(cum[-1])
+    return len(order)
+
+
 def holdout_documents(
     doc_tokens: np.ndarray, fraction: float, rng: np.random.Generator
 ) -> np.ndarray:
@@ -76,9 +90,7 @@ def holdout_documents(
         return mask
     order = permutation(rng, n)
     want = fraction * float(doc_tokens.sum())
-    cum = np.cumsum(doc_tokens[order], dtype=np.int64)
-    k = int(np.searchsorted(cum, want, side="left")) + 1
-    del cum
+    k = _first_reaching(doc_tokens, order, want) + 1
     mask[order[: min(max(k, 1), n - 1)]] = True
     return mask
 
@@ -103,8 +115,7 @@ def sample_to_budget(
     if rest >= total:
         take = order
     else:
-        cum = np.cumsum(lengths[order], dtype=np.int64)
-        take = order[: int(np.searchsorted(cum, rest, side="left")) + (rest > 0)]
+        take = order[: _first_reaching(lengths, order, rest) + (rest > 0)]
     cdt = np.uint8 if copies < 255 else np.uint16 if copies < 65535 else np.uint32
     idx = np.concatenate([np.tile(np.arange(n, dtype=idt), copies), take])
     copy = np.concatenate(
@@ -143,7 +154,7 @@ class SourceDocs:
     """A source's documents as the planner sees them: body lengths and id sizes, by part."""
 
     name: str
-    lengths: np.ndarray  # body tokens per document
+    lengths: np.ndarray  # body tokens per document (dropped once the chunk table is made)
     id_bytes: np.ndarray  # UTF-8 bytes of each document's id
     part_start: np.ndarray  # first document of each part (int64)
     part_unit: np.ndarray  # the unit number of each part
@@ -169,11 +180,12 @@ def load_source(job: Job, name: str) -> SourceDocs:
     at = 0
     for u, n in zip(units, docs):
         base = job.part(u)
-        off = np.load(base.with_name(base.name + ".off.npy"), mmap_mode="r")
-        ido = np.load(base.with_name(base.name + ".ido.npy"), mmap_mode="r")
-        lengths[at : at + n] = np.diff(off)
-        id_bytes[at : at + n] = np.diff(ido)
+        # read whole: a memory map costs ~4x more per file, and there is a file per unit
+        lengths[at : at + n] = np.diff(np.load(base.with_name(base.name + ".off.npy")))
+        id_bytes[at : at + n] = np.diff(np.load(base.with_name(base.name + ".ido.npy")))
         at += int(n)
+    if total and int(id_bytes.max()) < 2**8:
+        id_bytes = id_bytes.astype(np.uint8)  # 1 byte a document instead of 4
     part_start = np.concatenate([[0], np.cumsum(docs)[:-1]]).astype(np.int64)
     read = sum(c["documents_read"] for c in counts)
     where = f"source {name!r}"
@@ -225,7 +237,10 @@ def chunk_table(lengths: np.ndarray, rules: ChunkRules, rng: np.random.Generator
     start -= np.repeat(first, kept)
     start *= step  # chunk number * step: the body offset of the chunk in its document
     ldt = np.uint16 if step < 2**16 else np.uint32
-    length = np.minimum(n[doc] - start, step).astype(ldt)
+    length = n[doc]
+    length -= start  # the body tokens left from the chunk's start (in place: no temporaries)
+    np.minimum(length, step, out=length)
+    length = length.astype(ldt)
     table = ChunkTable(doc, start, length, int(drop.sum()), int(last[drop].sum()), 0)
     if fill is not None and fill.any():
         lo = rules.backfill_below - last[fill]
@@ -244,7 +259,7 @@ def chunk_table(lengths: np.ndarray, rules: ChunkRules, rng: np.random.Generator
 def _digits(x: np.ndarray) -> np.ndarray:
     """Decimal digits of non-negative integers."""
     out = np.ones(len(x), np.int64)
-    for k in range(1, 19):
+    for k in range(1, len(str(int(x.max()))) if len(x) else 1):  # up to the largest one's
         out += x >= 10**k
     return out
 
@@ -317,44 +332,53 @@ def _write_split(
     job: Job, phase_name: str, split: str, seed: int, step: int, shard: tuple[int, int],
     sources: list[SourceDocs], tables: list[ChunkTable], picks: list[tuple[np.ndarray, np.ndarray]],
 ) -> int:  # fmt: skip
-    """Shuffle one split's picks, size and cut them, write its plan files; return its shards."""
-    counts = [len(idx) for idx, _ in picks]
-    total = sum(counts)
-    src = np.repeat(np.arange(len(picks), dtype=np.uint8), counts)
-    idx = np.concatenate([p[0] for p in picks])
-    copy = np.concatenate([p[1] for p in picks])
-    picks.clear()  # the concatenations replace them
+    """Shuffle one split's picks, size and cut them, write its plan files; return its shards.
+
+    The split is the picks of each source one after the other, shuffled by a permutation of
+    its length; each block of the permutation is resolved to (source, pick) on the fly, so
+    nothing of the split's size is made but the permutation itself.
+    """
+    counts = np.array([len(idx) for idx, _ in picks], np.int64)
+    total = int(counts.sum())
+    ends = np.cumsum(counts)
     order = permutation(_rng(seed, _SHUFFLE, f"{phase_name}/{split}"), total)
     src_bytes = np.array([len(s.name.encode("utf-8")) for s in sources], np.int64)
     d = job.plan_dir(phase_name)
-    out = np.lib.format.open_memmap(d / f".{split}.samples.npy.tmp", "w+", SAMPLE, (total,))
+    tmp = d / f".{split}.samples.npy.tmp"
+    header = {"descr": np.lib.format.dtype_to_descr(SAMPLE), "fortran_order": False}
     cutter = ShardCutter(*shard)
-    for b in range(0, total, BLOCK):
-        o = order[b : b + BLOCK]
-        s, i, k = src[o], idx[o], copy[o]
-        rec = np.zeros(len(o), SAMPLE)
-        rec["src"], rec["copy"] = s, k
-        id_bytes = np.zeros(len(o), np.int64)
-        for j, (docs, table) in enumerate(zip(sources, tables)):
-            m = s == j
-            c = i[m]
-            doc = table.doc[c]
-            part = np.searchsorted(docs.part_start, doc, side="right") - 1
-            rec["unit"][m] = docs.part_unit[part]
-            rec["row"][m] = doc - docs.part_start[part]
-            start = table.start[c].astype(np.int64)
-            rec["start"][m] = start
-            rec["length"][m] = table.length[c]
-            rec["number"][m] = (start + step - 1) // step
-            id_bytes[m] = docs.id_bytes[doc]
-        number, kk = rec["number"].astype(np.int64), rec["copy"].astype(np.int64)
-        id_bytes += 1 + _digits(number) + np.where(kk > 0, 1 + _digits(kk), 0)
-        nd = rec["length"].astype(np.int64) + 2
-        cutter.feed(_sample_bytes(nd, id_bytes, src_bytes[rec["src"]]))
-        out[b : b + len(o)] = rec
-    out.flush()
-    del out
-    (d / f".{split}.samples.npy.tmp").replace(d / f"{split}.samples.npy")
+    with open(tmp, "wb") as fh:
+        np.lib.format.write_array_header_1_0(fh, {**header, "shape": (total,)})
+        for b in range(0, total, BLOCK):
+            o = order[b : b + BLOCK]
+            s = np.searchsorted(ends, o, side="right").astype(np.uint8)  # the source
+            n = len(o)
+            unit, row = np.empty(n, np.int32), np.empty(n, np.int64)
+            start, length = np.empty(n, np.int64), np.empty(n, np.int64)
+            copy, id_bytes = np.empty(n, np.int64), np.empty(n, np.int64)
+            by_source = np.argsort(s, kind="stable")  # a radix sort (8-bit keys)
+            bounds = np.zeros(len(picks) + 1, np.int64)
+            np.cumsum(np.bincount(s, minlength=len(picks)), out=bounds[1:])
+            for j, (docs, table, (idx, copies)) in enumerate(zip(sources, tables, picks)):
+                m = by_source[bounds[j] : bounds[j + 1]]  # the block's samples of source j
+                at = o[m] - (ends[j] - counts[j])  # the pick within source j
+                c = idx[at]
+                copy[m] = copies[at]
+                doc = table.doc[c]
+                part = np.searchsorted(docs.part_start, doc, side="right") - 1
+                unit[m] = docs.part_unit[part]
+                row[m] = doc - docs.part_start[part]
+                start[m] = table.start[c]
+                length[m] = table.length[c]
+                id_bytes[m] = docs.id_bytes[doc]
+            number = (start + step - 1) // step
+            id_bytes += 1 + _digits(number) + np.where(copy > 0, 1 + _digits(copy), 0)
+            cutter.feed(_sample_bytes(length + 2, id_bytes, src_bytes[s]))
+            rec = np.empty(n, SAMPLE)
+            rec["src"], rec["unit"], rec["row"], rec["start"] = s, unit, row, start
+            rec["length"], rec["number"], rec["copy"] = length, number, copy
+            rec.tofile(fh)
+    tmp.replace(d / f"{split}.samples.npy")
     cuts, sizes = cutter.close()
     for name, values in (("cuts", cuts), ("bytes", sizes)):
         np.save(d / f"{split}.{name}.npy", values)
@@ -362,7 +386,7 @@ def _write_split(
 
 
 def _split_counts(idx: np.ndarray, docs: SourceDocs, table: ChunkTable) -> dict:
-    seen = np.zeros(len(docs.lengths), bool)
+    seen = np.zeros(len(docs.id_bytes), bool)
     seen[table.doc[idx]] = True
     return {
         "documents": int(seen.sum()),
@@ -390,49 +414,57 @@ def plan_phase(job: Job, name: str) -> dict:
         backfill_below=phase.backfill_below,
     )
     sources = [load_source(job, s) for s in phase.mix]
-    tables, pools, source_stats = [], [], {}
+    tables, held, available = [], [], {}
     for docs in sources:
         table = chunk_table(docs.lengths, rules, _rng(phase.seed, _BACKFILL, docs.name))
         seeded = _rng(mixture.split_seed, _HOLDOUT, docs.name)
         is_val = holdout_documents(docs.lengths, phase.val_fraction, seeded)
-        chunk_val = is_val[table.doc]
-        idt = index_dtype(len(chunk_val))
-        train, val = np.flatnonzero(~chunk_val).astype(idt), np.flatnonzero(chunk_val).astype(idt)
-        pools.append((train, val, int(is_val.sum())))
+        docs.lengths = np.empty(0, docs.lengths.dtype)  # not needed any more: 4 bytes a document
+        val = np.flatnonzero(is_val[table.doc]).astype(index_dtype(len(table.doc)))
+        tokens = int(table.length.sum(dtype=np.int64)) + 2 * len(table.doc)
+        available[docs.name] = tokens - int(table.length[val].sum(dtype=np.int64)) - 2 * len(val)
+        held.append((val, int(is_val.sum()), tokens))
         tables.append(table)
-        del chunk_val, is_val
-    available = {
-        docs.name: int(t.length[train].sum(dtype=np.int64)) + 2 * len(train)
-        for docs, t, (train, _, _) in zip(sources, tables, pools)
-    }
+        del is_val
     targets = source_targets(phase, available)
+    chunk_dt = np.uint16 if phase.context_length < 2**16 else np.uint32  # chunk tokens
     picks: dict[str, list] = {"train": [], "val": []}
-    for docs, table, (train, val, n_val) in zip(sources, tables, pools):
-        lengths = table.length.astype(np.int32) + 2
+    source_stats = {}
+    for docs, table, (val, n_val, tokens) in zip(sources, tables, held):
+        n = len(table.doc)
+        keep = np.ones(n, bool)
+        keep[val] = False
+        train = np.arange(n, dtype=index_dtype(n))[keep]  # the chunks of train documents
+        del keep
+        lengths = table.length[train].astype(chunk_dt, copy=False)
+        lengths += 2
         target = targets[docs.name]
-        idx, copy = sample_to_budget(lengths[train], target, _rng(phase.seed, _TRAIN, docs.name))
+        idx, copy = sample_to_budget(lengths, target, _rng(phase.seed, _TRAIN, docs.name))
+        del lengths
         picks["train"].append((train[idx], copy))
+        del train, idx, copy
         val_target = None
         if target is not None and phase.val_fraction > 0:
             val_target = math.ceil(target * phase.val_fraction / (1 - phase.val_fraction))
+        val_lengths = table.length[val].astype(chunk_dt, copy=False)
+        val_lengths += 2
         vidx, vcopy = sample_to_budget(
-            lengths[val], val_target, _rng(phase.seed, _VAL, docs.name), repeat=False
+            val_lengths, val_target, _rng(phase.seed, _VAL, docs.name), repeat=False
         )
         picks["val"].append((val[vidx], vcopy))
         source_stats[docs.name] = {
             "documents_read": docs.documents_read,
             "documents_empty": docs.documents_empty,
             "documents_val": n_val,
-            "chunks": int(len(lengths)),
-            "tokens": int(lengths.sum(dtype=np.int64)),
+            "chunks": n,
+            "tokens": tokens,
             "chunks_dropped_short": table.dropped,
             "tokens_dropped_short": table.dropped_tokens,
             "chunks_backfilled": table.backfilled,
             "train_tokens_available": available[docs.name],
             "train_tokens_target": target,
         }
-        del lengths
-    pools.clear()
+    held.clear()
     stats: dict = {"phase": name, "context_length": phase.context_length, "seed": phase.seed}
     stats["split_seed"] = mixture.split_seed
     stats["sources"] = source_stats
