@@ -7,7 +7,8 @@ Runs, each as its own process (so one's memory and threads do not affect the nex
   variable and fixed lengths). By default the quick setting that keeps `make bench` under
   10 minutes on 2 cores (3 timed pairs per case; batches of 4 variable-length sequences or
   one 1024-token row); `--full` uses bench_model's own defaults (two 1024-token rows, 5 pairs).
-- bench_prep.py: prep tokens/s with worker processes vs the single-process baseline.
+- bench_prep.py: prep at scale: tokenize at 2 tasks vs 1, the planner at 100M synthetic chunks
+  (bytes/chunk, chunks/s), write_shard vs one MDSWriter.
 - bench_loader.py: loader tokens/s vs what a 150m model consumes on one GPU.
 - with `--gpu` (and CUDA), the GPU check (`python -m ettin_gpu`, `make gpu-check`) as well.
 A script that is missing is reported as such; one that fails does not stop the others.
@@ -99,33 +100,15 @@ def model_rows(path: Path) -> list[Row]:
 
 
 def prep_rows(text: str) -> list[Row]:
-    m = re.search(r"num_proc=(\d+).*?tokenize ([\d.]+)x, whole prep ([\d.]+)x", text)
-    if not m:
-        return [("prep", "see bench_prep output above", "", "", "?", "")]
-    n = m.group(1)
-    speeds = {  # num_proc -> (tokenize tok/s, prep tok/s), from its table
-        row[0]: (row[1], row[2])
-        for row in re.findall(r"^\s*(\d+)\s+([\d,]+)\s+([\d,]+)\s", text, re.M)
-    }
-    ours, base = speeds.get(n, ("", "")), speeds.get("1", ("", ""))
-    return [
-        (
-            "prep tokenize",
-            f"{n} processes vs 1",
-            f"{ours[0]} tok/s",
-            f"1 process {base[0]}",
-            f"{m.group(2)}x",
-            "",
-        ),
-        (
-            "prep whole",
-            f"{n} processes vs 1",
-            f"{ours[1]} tok/s",
-            f"1 process {base[1]}",
-            f"{m.group(3)}x",
-            "",
-        ),
-    ]
+    """bench_prep's markdown table: `| benchmark | setting | ours | baseline | ratio | target |
+    verdict |`, one row per target (the verdict goes with the target)."""
+    rows: list[Row] = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| prep ") and len(cells) == 7:
+            name, setting, ours, base, ratio, target, verdict = cells
+            rows.append((name, setting, ours, base, ratio, f"{target} {verdict}"))
+    return rows or [("prep", "see bench_prep output above", "", "", "?", "")]
 
 
 def loader_rows(text: str) -> list[Row]:
