@@ -26,8 +26,9 @@ from helpers import scale_corpus, scale_mixture, tree_sha1
 
 from ettin.errors import PrepError
 from ettin.prep.chunking import ChunkRules, chunk_spans
+from ettin.prep.job import shard_header
 from ettin.prep.mixture import parse_mixture
-from ettin.prep.plan import ShardCutter, _sample_bytes, chunk_table, permutation, shard_header
+from ettin.prep.plan import ShardCutter, _sample_bytes, chunk_table, permutation
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "prep_scale.json").read_text())
 VARIANTS = {"zstd-1mb": ("zstd", "1mb"), "plain-200kb": (None, "200kb")}

@@ -98,10 +98,24 @@ def _units(name: str, src: SourceConfig, unit_bytes: int) -> list[dict]:
     return units
 
 
+def shard_header(mixture: Mixture) -> tuple[int, int]:
+    """(size limit, bytes of an empty shard) as MDSWriter computes them, from MDSWriter itself."""
+    import tempfile
+
+    from streaming import MDSWriter
+
+    with tempfile.TemporaryDirectory() as tmp:
+        writer = MDSWriter(
+            out=tmp, columns=MDS_COLUMNS, compression=mixture.compression, hashes=SHARD_HASHES,
+            size_limit=mixture.shard_size,
+        )  # fmt: skip
+        limit, header = int(writer.size_limit), int(writer.extra_bytes_per_shard)
+        writer.finish()
+    return limit, header
+
+
 def _check_shard_size(mix: Mixture, phases: list[str], where: str) -> None:
     """Every shard must hold at least one chunk of C tokens (MDSWriter would write empty ones)."""
-    from ettin.prep.plan import shard_header
-
     limit, header = shard_header(mix)
     for p in phases:
         c = mix.phases[p].context_length

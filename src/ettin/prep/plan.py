@@ -34,8 +34,8 @@ import numpy as np
 
 from ettin.errors import PrepError
 from ettin.prep.chunking import ChunkRules
-from ettin.prep.job import MDS_COLUMNS, PREP_FORMAT, SHARD_HASHES, Job, read_json, write_atomic
-from ettin.prep.mixture import Mixture, PhaseConfig
+from ettin.prep.job import MDS_COLUMNS, PREP_FORMAT, Job, read_json, shard_header, write_atomic
+from ettin.prep.mixture import PhaseConfig
 
 # Purposes of the per-source random streams (each seeded by phase seed, purpose, source).
 _HOLDOUT, _BACKFILL, _TRAIN, _VAL, _SHUFFLE = range(5)
@@ -270,22 +270,6 @@ def _sample_bytes(nd: np.ndarray, id_bytes: np.ndarray, src_bytes: np.ndarray) -
     the source."""
     shape = np.where(nd < 2**8, 1, np.where(nd < 2**16, 2, np.where(nd < 2**32, 4, 8)))
     return 16 + id_bytes + 1 + shape + 4 * nd + src_bytes
-
-
-def shard_header(mixture: Mixture) -> tuple[int, int]:
-    """(size limit, bytes of an empty shard) as MDSWriter computes them, from MDSWriter itself."""
-    import tempfile
-
-    from streaming import MDSWriter
-
-    with tempfile.TemporaryDirectory() as tmp:
-        writer = MDSWriter(
-            out=tmp, columns=MDS_COLUMNS, compression=mixture.compression, hashes=SHARD_HASHES,
-            size_limit=mixture.shard_size,
-        )  # fmt: skip
-        limit, header = int(writer.size_limit), int(writer.extra_bytes_per_shard)
-        writer.finish()
-    return limit, header
 
 
 class ShardCutter:
