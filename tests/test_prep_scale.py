@@ -26,7 +26,7 @@ from helpers import scale_corpus, scale_mixture, tree_sha1
 
 from ettin.errors import PrepError
 from ettin.prep.chunking import ChunkRules, chunk_spans
-from ettin.prep.job import shard_header
+from ettin.prep.job import create_job, shard_header
 from ettin.prep.mixture import parse_mixture
 from ettin.prep.plan import ShardCutter, _sample_bytes, chunk_table, permutation
 
@@ -106,6 +106,47 @@ def test_plain_variant_matches_golden(scale, tmp_path, monkeypatch):
     mix = parse_mixture(mixture_dict("plain-200kb"))
     prep(mix, out, verbose=False, engine="local", workers=2, unit_bytes=1)
     assert_golden(out, "plain-200kb")
+
+
+def test_tasks_sharing_cores_encode_on_one_thread(scale, tmp_path, monkeypatch):
+    """Tasks that share a machine's cores (the local pool, datatrove with workers > 1) turn the
+    Rust tokenizer's thread pool off: else each of W tasks starts a thread per core. A single
+    task (workers 1, or one SLURM task on its own CPUs) keeps it; the caller's process is left
+    as it was."""
+    from ettin.prep import engines
+    from ettin.prep.pipeline import prep
+
+    monkeypatch.chdir(scale)
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    seen = []
+
+    class Probe(engines.ProcessPoolExecutor):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen.append(self.submit(os.getenv, "TOKENIZERS_PARALLELISM").result())
+
+    monkeypatch.setattr(engines, "ProcessPoolExecutor", Probe)
+    mix = parse_mixture(mixture_dict("plain-200kb"))
+    prep(mix, tmp_path / "out", verbose=False, engine="local", workers=2, unit_bytes=1)
+    assert seen == ["false"]
+    assert "TOKENIZERS_PARALLELISM" not in os.environ
+
+    flags = {}
+
+    class Recorder:
+        def __init__(self, pipeline, workers, **_):
+            flags.setdefault(workers, set()).add(pipeline[0].one_core)
+
+        def run(self):
+            pass
+
+    import datatrove.executor
+
+    monkeypatch.setattr(datatrove.executor, "LocalPipelineExecutor", Recorder)
+    job = create_job(mix, tmp_path / "out2", tmp_path / "work", unit_bytes=1)
+    for workers in (1, 2):
+        engines.run_datatrove(job, tasks=3, workers=workers)
+    assert flags == {1: {False}, 2: {True}}
 
 
 # ---------------------------------------------------------------- 2. two nodes, one killed task

@@ -59,6 +59,13 @@ def _run_items(job: Job, stage: str, items: list, pool, desc: str, verbose: bool
     return results
 
 
+def one_core() -> None:
+    """In a task process that shares this machine's cores with other tasks: the Rust
+    tokenizer encodes on this one thread instead of starting a thread per core in every task
+    (W tasks x cores threads on cores cores)."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
 def run_local(job: Job, workers: int = 1, verbose: bool = True) -> dict[str, float]:
     """Every stage on this machine with `workers` processes (1: in this process)."""
     import time
@@ -66,7 +73,7 @@ def run_local(job: Job, workers: int = 1, verbose: bool = True) -> dict[str, flo
     timings: dict[str, float] = {}
     pool = None
     if workers > 1:
-        pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
+        pool = ProcessPoolExecutor(workers, get_context("spawn"), initializer=one_core)
     try:
         t0 = time.perf_counter()
         _run_items(job, "tokenize", stage_items(job, "tokenize"), pool, "tokenize", verbose)
@@ -93,8 +100,11 @@ class PrepTask:
 
     work: str
     stage: str
+    one_core: bool = False  # True where several tasks share one machine's cores
 
     def __call__(self, data, rank: int = 0, world_size: int = 1):
+        if self.one_core:
+            one_core()
         run_task(self.work, self.stage, rank, world_size)
         yield from data or ()
 
@@ -136,7 +146,7 @@ def run_datatrove(
         if stage not in ("tokenize", "write") and local_rank_offset:
             continue  # one machine (rank offset 0) plans and finalizes
         LocalPipelineExecutor(
-            pipeline=[PrepTask(str(job.work), stage)],
+            pipeline=[PrepTask(str(job.work), stage, one_core=min(workers, n) > 1)],
             tasks=n,
             workers=min(workers, n),
             logging_dir=str(job.logs(stage, n)),
